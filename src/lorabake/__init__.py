@@ -1,0 +1,3 @@
+"""lorabake: a Makefile for LoRA artifacts."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from lorabake.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""`lorabake <stage>`: one command per workflow stage; the Snakemake rules call these."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from lorabake import paths, store
+from lorabake.config import ConfigError
+from lorabake.dataset import DatasetError, split_tags
+from lorabake.workspace import Workspace
+
+
+def cmd_validate(ws: Workspace, args) -> None:
+    """Check the config and every dataset, and print what `all` would build."""
+    for ds in ws.project.file.datasets:
+        ws.dataset(ds)
+    for run in ws.project.runs:
+        plan = ws.plan(run)
+        print(f"run {run}: datasets {ws.run(run).datasets}, {plan.steps_per_epoch} steps/epoch × "
+              f"{plan.epochs} epochs = {plan.total_steps} steps")
+    print(f"ok: {len(ws.project.file.datasets)} datasets, {len(ws.project.runs)} runs")
+
+
+def cmd_base(ws: Workspace, args) -> None:
+    from lorabake import models
+
+    spec = ws.project.file.bases[args.base]
+    base_id = models.build_base(spec.builtin, Path(paths.base_dir(args.base)))
+    print(f"base {args.base}: built {spec.builtin}, id {base_id}")
+
+
+def cmd_dataset_report(ws: Workspace, args) -> None:
+    from lorabake import report
+
+    runs = {}
+    for run in ws.project.runs_using(args.dataset):
+        plan, cfg = ws.plan(run), ws.run(run)
+        runs[run] = {"batch_size": cfg.training.batch_size, "epochs": plan.epochs, "max_steps": cfg.training.max_steps}
+    report.write_report(ws.dataset(args.dataset), ws.report_spec(args.dataset), runs, Path(paths.dataset_report(args.dataset)))
+
+
+def cmd_cache_latents(ws: Workspace, args) -> None:
+    from lorabake import latents, models
+
+    job = ws.latent_jobs.get((args.dataset, args.spec))
+    if job is None:
+        raise ConfigError(f"no run uses dataset {args.dataset!r} with latent spec {args.spec!r}")
+    base_dir = Path(paths.base_dir(job.base))
+    vae = models.load_base(base_dir, parts=("vae",)).vae
+    vae_id = models.base_id(base_dir)
+    root = ws.project.dataset_root(args.dataset)
+    images = [(Path(p), Path(p).relative_to(root).as_posix()) for p in ws.images(args.dataset)]
+    latents.cache_latents(images, job.spec, job.flip, vae, vae_id, Path(paths.latent_store(vae_id, job.spec)),
+                          Path(paths.latent_index(args.dataset, args.spec)),
+                          meta={"dataset": args.dataset, "spec": args.spec})
+
+
+def cmd_train(ws: Workspace, args) -> None:
+    from lorabake import latents
+    from lorabake.train.loop import RunInputs, train
+
+    run = ws.run(args.run)
+    datasets = ws.run_datasets(args.run)
+    store.write_json(paths.run_config(args.run), {"run": args.run, "config": run.model_dump(mode="json"),
+                                                   "params": ws.train_params(args.run)})
+    tags = {ds: dict(Counter(t for item in d.train_items for t in split_tags(item.caption)).most_common())
+            for ds, d in datasets.items()}
+    facts = {"ss_tag_frequency": tags, "ss_num_train_images": str(sum(len(d.train_items) for d in datasets.values())),
+             "ss_num_reg_images": str(sum(len(d.reg_items) for d in datasets.values())),
+             "lorabake_config_digest": ws.train_params(args.run)["config"],
+             "lorabake_caption_digests": ws.caption_digests(args.run)}
+    indexes = {ds: latents.read_index(Path(p)) for ds, p in ws.latent_indexes(args.run).items()}
+    train(RunInputs(args.run, run, Path(paths.base_dir(run.base)), datasets, indexes, facts))
+
+
+def cmd_sample(ws: Workspace, args) -> None:
+    from lorabake.sample import sample_grid
+    from lorabake.train.plan import saved_epochs
+
+    run, samples = ws.run(args.run), ws.project.file.samples
+    if samples is None:
+        raise ConfigError(f"{ws.project.config_file}: samples: not configured, nothing to render")
+    epochs = saved_epochs(run, ws.plan(args.run))
+    checkpoints = [(f"epoch {e}", Path(paths.epoch_lora(args.run, e))) for e in epochs]
+    sample_grid(Path(paths.base_dir(run.base)), checkpoints, samples, run.size, Path(paths.sample_grid(args.run)),
+                Path(paths.run_dir(args.run)) / "samples", title=f"{args.run}: epochs x strengths")
+
+
+def cmd_merge(ws: Workspace, args) -> None:
+    from lorabake.merge import merge
+
+    spec = next(m for m in ws.project.file.merges if m.name == args.name)
+    loras = [(Path(paths.run_lora(lora.run)), lora.ratio) for lora in spec.loras]
+    merge(Path(paths.base_dir(spec.base)), loras, Path(paths.merged(spec.name)), spec.precision)
+
+
+def cmd_extract(ws: Workspace, args) -> None:
+    from lorabake.extract import extract
+
+    spec = next(e for e in ws.project.file.extracts if e.name == args.name)
+    extract(Path(paths.base_dir(spec.base)), Path(paths.merged(spec.tuned)), spec.dim, spec.conv_dim,
+            Path(paths.extracted(spec.name)), spec.precision)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="lorabake", description="A Makefile for LoRA artifacts: the stages Snakemake runs.")
+    top.add_argument("--config", default="configs/config.yaml", help="project config (default: %(default)s)")
+    sub = top.add_subparsers(dest="command", required=True, metavar="<stage>")
+
+    def add(name: str, func, help: str, *options: str):
+        p = sub.add_parser(name, help=help, description=help)
+        for option in options:
+            p.add_argument(f"--{option}", required=True)
+        p.set_defaults(func=func)
+        return p
+
+    add("validate", cmd_validate, "check config and datasets; print each run's step count")
+    add("base", cmd_base, "build a base model into results/base/{base}/", "base")
+    dataset = sub.add_parser("dataset", help="dataset tools (report)")
+    dataset_sub = dataset.add_subparsers(dest="action", required=True)
+    report = dataset_sub.add_parser("report", help="write results/datasets/{ds}/report.json, .md and buckets.png")
+    report.add_argument("--dataset", required=True)
+    report.set_defaults(func=cmd_dataset_report)
+    add("cache-latents", cmd_cache_latents, "encode a dataset's missing latents and write its index", "dataset", "spec")
+    add("train", cmd_train, "train one run: LoRA per saved epoch, train.jsonl, loss.png", "run")
+    add("sample", cmd_sample, "render a run's sample grid (epochs × strengths × prompts)", "run")
+    add("merge", cmd_merge, "merge LoRAs into a base checkpoint", "name")
+    add("extract", cmd_extract, "extract a LoRA from (merged − base) by SVD", "name")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        ws = Workspace.load(args.config)
+        for warning in ws.project.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        args.func(ws, args)
+    except (ConfigError, DatasetError) as e:
+        print(f"lorabake: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Kohya-style dataset folders: find the images, pair them with captions, refuse anything odd.
+
+A dataset root holds `<repeats>_<concept>/` folders of images, each image with an optional caption
+file of the same stem beside it, and optionally `reg/<repeats>_<class>/` folders of regularization
+images. An image without a caption file is captioned with its concept (kohya's "keyword" training).
+
+Every problem is collected and reported in one error that names each offending path and says what
+to do, so a user fixes a dataset in one pass instead of meeting its problems one run at a time.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from lorabake import store
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REG_FOLDER = "reg"
+EXIF_ORIENTATION = 0x0112
+FOLDER_NAME = re.compile(r"(\d+)_(.+)")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be trained on as it stands; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    path: Path  # absolute path of the image
+    rel: str  # path relative to the dataset root, posix style, e.g. "5_lbk_circle/a.png"
+    folder: str  # "5_lbk_circle", or "reg/1_shape" for regularization images
+    repeats: int
+    concept: str  # "lbk_circle"
+    caption: str  # caption text as written (stripped), or the concept if no caption file
+    has_caption_file: bool
+    is_reg: bool
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    root: Path
+    items: tuple[ImageItem, ...]  # sorted by rel
+
+    @property
+    def train_items(self) -> tuple[ImageItem, ...]:
+        return tuple(item for item in self.items if not item.is_reg)
+
+    @property
+    def reg_items(self) -> tuple[ImageItem, ...]:
+        return tuple(item for item in self.items if item.is_reg)
+
+
+# --------------------------------------------------------------------------------------------
+# listing
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _visible(folder: Path) -> list[Path]:
+    """Folder entries minus hidden ones (.DS_Store, .ipynb_checkpoints, editor swap files)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _require_root(root: Path) -> None:
+    if not root.exists():
+        raise DatasetError(f"dataset folder {root} does not exist; create it or fix the path")
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} is a file, not a folder")
+
+
+def _image_folders(root: Path) -> list[tuple[Path, bool]]:
+    """Every folder that should hold images, with whether it holds regularization images."""
+    folders = []
+    for path in _visible(root):
+        if path.is_dir() and path.name == REG_FOLDER:
+            folders += [(sub, True) for sub in _visible(path) if sub.is_dir()]
+        elif path.is_dir():
+            folders.append((path, False))
+    return folders
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every image file of a dataset, sorted, without decoding or validating anything.
+
+    Cheap enough for Snakemake input functions, which run on every DAG build."""
+    root = Path(root)
+    _require_root(root)
+    return sorted(
+        path
+        for folder, _ in _image_folders(root)
+        for path in _visible(folder)
+        if path.is_file() and is_image(path)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# full scan with validation
+
+class _Problems:
+    """Offending paths grouped under a message that says what is wrong and what to do."""
+
+    def __init__(self) -> None:
+        self.by_message: dict[str, list[str]] = {}
+
+    def add(self, message: str, entry: str) -> None:
+        self.by_message.setdefault(message, []).append(entry)
+
+    def raise_if_any(self, root: Path) -> None:
+        if not self.by_message:
+            return
+        lines = [f"dataset {root} cannot be used:"]
+        for message, entries in self.by_message.items():
+            lines.append(f"- {message}:")
+            lines += [f"    {entry}" for entry in entries]
+        raise DatasetError("\n".join(lines))
+
+
+def scan_dataset(root: Path, name: str, caption_extension: str = ".txt") -> Dataset:
+    """Read and validate a whole dataset folder; raise one DatasetError listing every problem."""
+    root = Path(root)
+    _require_root(root)
+    root = root.resolve()
+    caption_extension = caption_extension if caption_extension.startswith(".") else f".{caption_extension}"
+    problems = _Problems()
+    _check_loose_files(root, problems)
+    items = []
+    for folder, is_reg in _image_folders(root):
+        items += _scan_folder(folder, root, is_reg, caption_extension.lower(), problems)
+    if not any(not item.is_reg for item in items):
+        problems.add("no training images; add images to <root>/<repeats>_<concept>/", str(root))
+    problems.raise_if_any(root)
+    return Dataset(name=name, root=root, items=tuple(sorted(items, key=lambda item: item.rel)))
+
+
+def _check_loose_files(root: Path, problems: _Problems) -> None:
+    """Files must sit in an image folder; a README or notes in the root are fine."""
+    for path in _visible(root):
+        if path.is_file() and not (path.name.upper().startswith("README") or path.suffix.lower() == ".md"):
+            problems.add("files directly in the dataset root; move them into a <repeats>_<concept> "
+                         "folder or delete them", str(path))
+    reg = root / REG_FOLDER
+    if reg.is_dir():
+        for path in _visible(reg):
+            if path.is_file():
+                problems.add("files directly in reg/; move them into reg/<repeats>_<class>/", str(path))
+
+
+def _parse_folder_name(folder: Path, problems: _Problems) -> tuple[int, str]:
+    match = FOLDER_NAME.fullmatch(folder.name)
+    if match is None:
+        problems.add("folders not named <repeats>_<concept> as kohya expects",
+                     f"{folder} (rename it to 10_{folder.name})")
+        return 0, folder.name
+    repeats, concept = int(match.group(1)), match.group(2)
+    if repeats < 1:
+        problems.add("folders with fewer than 1 repeat", f"{folder} (rename it to 1_{concept})")
+    return repeats, concept
+
+
+def _scan_folder(folder: Path, root: Path, is_reg: bool, caption_extension: str,
+                 problems: _Problems) -> list[ImageItem]:
+    repeats, concept = _parse_folder_name(folder, problems)
+    images, captions = _pair_files(folder, caption_extension, problems)
+    items = []
+    for path in images:
+        size = _image_size(path, problems)
+        caption_path = captions.get(path.stem)
+        caption = _read_caption(caption_path, problems) if caption_path else concept
+        if size is not None and caption is not None:
+            items.append(ImageItem(
+                path=path, rel=path.relative_to(root).as_posix(),
+                folder=folder.relative_to(root).as_posix(), repeats=repeats, concept=concept,
+                caption=caption, has_caption_file=caption_path is not None, is_reg=is_reg,
+                width=size[0], height=size[1]))
+    return items
+
+
+def _pair_files(folder: Path, caption_extension: str,
+                problems: _Problems) -> tuple[list[Path], dict[str, Path]]:
+    """The folder's images and its captions keyed by stem; anything else is a problem."""
+    entries = _visible(folder)
+    images = [p for p in entries if p.is_file() and is_image(p)]
+    captions = {p.name[: -len(caption_extension)]: p
+                for p in entries if p.is_file() and p.name.lower().endswith(caption_extension)}
+    caption_paths = set(captions.values())
+    for path in entries:
+        if path.is_dir():
+            problems.add("folders inside an image folder, which kohya does not read; move their "
+                         "images up or delete them", str(path))
+        elif not is_image(path) and path not in caption_paths:
+            problems.add(f"unsupported files (images must be {', '.join(IMAGE_EXTENSIONS)}; captions "
+                         f"must end in {caption_extension}); convert, rename or delete them", str(path))
+    image_stems = {p.stem for p in images}
+    for stem, path in captions.items():
+        if stem not in image_stems:
+            problems.add("orphan captions with no image of the same name; add the image or delete "
+                         "the caption", str(path))
+    return images, captions
+
+
+def _image_size(path: Path, problems: _Problems) -> tuple[int, int] | None:
+    """Size of a decodable image; a corrupt one is recorded as a problem.
+
+    `verify` checks structure and checksums but not that all pixel data is there, so the image is
+    also decoded in full to catch truncated files. Pillow raises OSError, SyntaxError, ValueError
+    and more depending on the format, hence the broad except."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            image.load()
+            return upright_size(image)
+    except Exception as error:
+        problems.add("unreadable or corrupt images; re-export or delete them", f"{path} ({error})")
+        return None
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """Size as displayed: EXIF orientations 5-8 rotate by 90 degrees (latents decode upright too)."""
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    return (image.height, image.width) if orientation in (5, 6, 7, 8) else image.size
+
+
+def _read_caption(path: Path, problems: _Problems) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        problems.add("captions that are not UTF-8 text; re-save them as UTF-8", str(path))
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# captions
+
+def split_tags(caption: str) -> list[str]:
+    """Comma-separated tags, each stripped with inner whitespace runs collapsed, empties dropped."""
+    return [tag for tag in (" ".join(raw.split()) for raw in caption.split(",")) if tag]
+
+
+def normalize_caption(text: str) -> str:
+    """One spelling per tag list, so whitespace-only edits leave a caption unchanged."""
+    return ", ".join(split_tags(text))
+
+
+def caption_digest(dataset: Dataset) -> str:
+    """Digest of what training reads from the captions; mtimes and whitespace do not enter it."""
+    return store.digest([(item.rel, normalize_caption(item.caption)) for item in dataset.items])
+
+
+# --------------------------------------------------------------------------------------------
+# epochs and steps
+
+def epoch_items(dataset: Dataset) -> list[ImageItem]:
+    """Kohya's entries for one epoch, in sorted order (shuffling happens elsewhere).
+
+    Each training image appears `repeats` times. Regularization entries (each reg image repeated by
+    its folder's repeats, then cycled) are added until they match the training entries in number,
+    which is why kohya reports that reg images double the steps."""
+    train = [item for item in dataset.train_items for _ in range(item.repeats)]
+    reg_pool = [item for item in dataset.reg_items for _ in range(item.repeats)]
+    if not reg_pool:
+        return train
+    return train + list(itertools.islice(itertools.cycle(reg_pool), len(train)))
+
+
+def steps_per_epoch(placements: dict[str, tuple[int, int]], items: list[ImageItem],
+                    batch_size: int) -> int:
+    """Optimizer steps in one epoch when every batch is drawn from a single bucket, as in kohya.
+
+    `placements` maps item.rel to its bucket; each bucket contributes ceil(entries / batch_size)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    per_bucket = Counter(tuple(placements[item.rel]) for item in items)
+    return sum(math.ceil(count / batch_size) for count in per_bucket.values())

@@ -1,0 +1,76 @@
+"""Artifact paths: the contract of DESIGN's table, in one place for the Snakefile and the CLI."""
+from __future__ import annotations
+
+from lorabake.buckets import BucketSpec
+
+RESULTS = "results"
+
+
+def base_dir(base: str) -> str:
+    return f"{RESULTS}/base/{base}"
+
+
+def base_json(base: str) -> str:
+    return f"{base_dir(base)}/base.json"
+
+
+def dataset_report(dataset: str) -> str:
+    return f"{RESULTS}/datasets/{dataset}/report.json"
+
+
+def geometry(spec: BucketSpec) -> str:
+    """The part of a latent spec that changes the pixels the VAE sees."""
+    w, h = spec.resolution
+    if not spec.enabled:
+        return f"{w}x{h}-fixed"
+    if spec.no_upscale:
+        return f"{w}x{h}-s{spec.step}-noup"
+    return f"{w}x{h}-b{spec.min_size}-{spec.max_size}-s{spec.step}"
+
+
+def latent_spec(base: str, spec: BucketSpec, flip: bool) -> str:
+    return f"{base}-{geometry(spec)}" + ("-flip" if flip else "")
+
+
+def latent_index(dataset: str, spec: str) -> str:
+    return f"{RESULTS}/latents/{dataset}/{spec}/index.json"
+
+
+def latent_store(vae_id: str, spec: BucketSpec) -> str:
+    return f"{RESULTS}/cache/latents/{vae_id}/{geometry(spec)}"
+
+
+def run_dir(run: str) -> str:
+    return f"{RESULTS}/runs/{run}"
+
+
+def run_lora(run: str) -> str:
+    return f"{run_dir(run)}/{run}.safetensors"
+
+
+def epoch_lora(run: str, epoch: int) -> str:
+    return f"{run_dir(run)}/epochs/{run}-e{epoch:04d}.safetensors"
+
+
+def train_log(run: str) -> str:
+    return f"{run_dir(run)}/train.jsonl"
+
+
+def loss_plot(run: str) -> str:
+    return f"{run_dir(run)}/loss.png"
+
+
+def run_config(run: str) -> str:
+    return f"{run_dir(run)}/config.json"
+
+
+def sample_grid(run: str) -> str:
+    return f"{run_dir(run)}/grid.png"
+
+
+def merged(name: str) -> str:
+    return f"{RESULTS}/merged/{name}.safetensors"
+
+
+def extracted(name: str) -> str:
+    return f"{RESULTS}/extracted/{name}.safetensors"

@@ -1,0 +1,112 @@
+"""Sample grids: kohya-syntax prompts rendered with the LoRA at several strengths and epochs.
+
+A prompt line reads `a red circle --n blurry --w 128 --h 128 --d 7 --l 7.5 --s 20` (kohya's syntax:
+negative prompt, width, height, seed, CFG scale, steps). Every cell of a prompt's block uses the same
+seed, so what differs between cells is the LoRA alone.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from lorabake import grid, network
+from lorabake.config import Samples
+
+OPTION = re.compile(r"^(?P<key>[a-z])\s+(?P<value>.*)$", re.S)
+SAMPLERS = {"euler_a": "EulerAncestralDiscreteScheduler", "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler"}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    negative: str
+    width: int
+    height: int
+    seed: int
+    cfg: float
+    steps: int
+
+
+def parse_prompt(line: str, defaults: Prompt) -> Prompt:
+    """kohya's sample-prompt syntax; an option we do not know is an error, not a silent no-op."""
+    text, *options = line.split(" --")
+    prompt = replace(defaults, text=text.strip())
+    fields = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
+              "l": ("cfg", float), "s": ("steps", int)}
+    for option in options:
+        match = OPTION.match(option.strip())
+        if not match or match["key"] not in fields:
+            raise ValueError(f"sample prompt {line!r}: unknown option '--{option.strip()}' (known: --n --w --h --d --l --s)")
+        name, kind = fields[match["key"]]
+        try:
+            prompt = replace(prompt, **{name: kind(match["value"].strip())})
+        except ValueError:
+            raise ValueError(f"sample prompt {line!r}: --{match['key']} needs a {kind.__name__}, got {match['value']!r}") from None
+    if prompt.width % 8 or prompt.height % 8:
+        raise ValueError(f"sample prompt {line!r}: width and height must be multiples of 8")
+    return prompt
+
+
+def load_pipeline(base_dir: Path, sampler: str):
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(pipe, prompt: Prompt) -> Image.Image:
+    generator = torch.Generator().manual_seed(prompt.seed)
+    return pipe(prompt.text, negative_prompt=prompt.negative or None, width=prompt.width, height=prompt.height,
+                num_inference_steps=prompt.steps, guidance_scale=prompt.cfg, generator=generator).images[0]
+
+
+def render_with_lora(pipe, lora: Path, strength: float, prompt: Prompt) -> Image.Image:
+    """Apply the LoRA at `strength` for one image, then take it off again."""
+    if strength == 0.0:
+        return render(pipe, prompt)
+    net = network.apply_weights(lora, pipe.unet, pipe.text_encoder, strength)
+    try:
+        return render(pipe, prompt)
+    finally:
+        for module in net.unet_loras + net.text_encoder_loras:
+            module.restore()
+
+
+def sample_grid(base_dir: Path, checkpoints: list[tuple[str, Path]], samples: Samples,
+                size: tuple[int, int], out_grid: Path, out_dir: Path, title: str) -> None:
+    """Render prompts × checkpoints × strengths, save each cell and the labelled grid."""
+    defaults = Prompt("", "", size[0], size[1], samples.seed, samples.cfg, samples.steps)
+    prompts = [parse_prompt(line, defaults) for line in samples.prompts]
+    pipe = load_pipeline(base_dir, samples.sampler)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blocks = []
+    cells = len(prompts) * len(checkpoints) * len(samples.strengths)
+    with tqdm(total=cells, desc="samples", unit="img") as progress:
+        for p, prompt in enumerate(prompts):
+            baseline = None
+            rows = []
+            for label, lora in checkpoints:
+                row = []
+                for strength in samples.strengths:
+                    if strength == 0.0:  # the base model: the same picture in every row
+                        baseline = baseline or render(pipe, prompt)
+                        image = baseline
+                    else:
+                        image = render_with_lora(pipe, lora, strength, prompt)
+                    grid.save_png(image, out_dir / f"p{p}-{label.replace(' ', '')}-s{strength:g}.png")
+                    row.append(image)
+                    progress.update()
+                rows.append(row)
+            blocks.append(grid.GridBlock(
+                title=f"{prompt.text}" + (f"  [neg: {prompt.negative}]" if prompt.negative else ""),
+                row_labels=[label for label, _ in checkpoints],
+                col_labels=[f"strength {s:g}" for s in samples.strengths], images=rows))
+    footer = f"seed {samples.seed} | {samples.sampler} | steps and cfg per prompt | lorabake"
+    grid.save_png(grid.render_grid(blocks, title=title, footer=footer), out_grid)

@@ -1,0 +1,79 @@
+"""Atomic writes and content digests: the two things every cache in lorabake stands on.
+
+Every artifact is written to a temporary file beside its destination and moved into place with
+`os.replace`, so a killed or concurrent job never leaves a half-written file where a reader looks.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `destination`; move it into place only if the block succeeds."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get ordinary modes
+        os.replace(tmp_path, destination)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes(destination: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(destination) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(destination: str | os.PathLike, text: str) -> None:
+    write_bytes(destination, text.encode("utf-8"))
+
+
+def write_json(destination: str | os.PathLike, obj: Any) -> None:
+    write_text(destination, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def canonical_json(obj: Any) -> str:
+    """One spelling per value: sorted keys, no whitespace. Digests are taken of this."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def digest(obj: Any, length: int = 16) -> str:
+    """Short sha256 of a JSON-able value."""
+    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()[:length]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_sha256(root: str | os.PathLike) -> str:
+    """Content hash of every file under `root` (names and bytes), independent of mtimes."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(file_sha256(path).encode())
+    return h.hexdigest()

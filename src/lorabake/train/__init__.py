@@ -1,0 +1,1 @@
+"""Training: `plan` does kohya's step arithmetic, `loop` trains."""

@@ -1,0 +1,69 @@
+"""What an epoch is: kohya's entries (images × repeats, reg images matched to them), grouped into
+bucket-consistent batches; and how many steps and epochs a run takes."""
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+from lorabake import buckets
+from lorabake.config import RunConfig
+from lorabake.dataset import Dataset, ImageItem, epoch_items
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image-use in an epoch: which dataset, which image, which bucket."""
+
+    dataset: str
+    item: ImageItem
+    bucket: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    steps_per_epoch: int
+    epochs: int          # epochs actually run (max_steps may cut the configured number)
+    total_steps: int
+
+    def epoch_of(self, step: int) -> int:
+        """1-based epoch of a 1-based step."""
+        return (step - 1) // self.steps_per_epoch + 1
+
+
+def epoch_entries(run: RunConfig, datasets: dict[str, Dataset]) -> list[Entry]:
+    spec = run.bucket_spec()
+    return [Entry(name, item, buckets.place(item.width, item.height, spec).bucket)
+            for name in run.datasets for item in epoch_items(datasets[name])]
+
+
+def batches(entries: list[Entry], batch_size: int, rng: random.Random) -> list[list[Entry]]:
+    """Shuffle within each bucket, cut into batches of one bucket each, shuffle the batches."""
+    by_bucket: dict[tuple[int, int], list[Entry]] = defaultdict(list)
+    for entry in entries:
+        by_bucket[entry.bucket].append(entry)
+    result = []
+    for bucket in sorted(by_bucket):
+        group = by_bucket[bucket]
+        rng.shuffle(group)
+        result += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(result)
+    return result
+
+
+def plan_training(run: RunConfig, datasets: dict[str, Dataset]) -> TrainingPlan:
+    counts: dict[tuple[int, int], int] = defaultdict(int)
+    for entry in epoch_entries(run, datasets):
+        counts[entry.bucket] += 1
+    steps_per_epoch = sum(math.ceil(n / run.training.batch_size) for n in counts.values())
+    total = steps_per_epoch * run.training.epochs
+    if run.training.max_steps is not None:
+        total = min(total, run.training.max_steps)
+    return TrainingPlan(steps_per_epoch, math.ceil(total / steps_per_epoch), total)
+
+
+def saved_epochs(run: RunConfig, plan: TrainingPlan) -> list[int]:
+    """Epochs that get an `epochs/{run}-eNNNN.safetensors` file: every N-th, and always the last."""
+    every = run.save.every_n_epochs
+    return sorted({e for e in range(1, plan.epochs + 1) if every and e % every == 0} | {plan.epochs})

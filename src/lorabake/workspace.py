@@ -1,0 +1,103 @@
+"""A project resolved for the workflow: scanned datasets, latent specs, training plans, params.
+
+The Snakefile's input functions and the `lorabake` commands both go through this, so what a rule
+declares and what its job does cannot disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from lorabake import paths, store
+from lorabake.buckets import BucketSpec
+from lorabake.config import Project, RunConfig, load_project
+from lorabake.dataset import Dataset, caption_digest, image_files, scan_dataset
+from lorabake.train.plan import TrainingPlan, plan_training, saved_epochs
+
+TRAINER_VERSION = 1  # bump when training semantics change: every run retrains
+
+
+@dataclass(frozen=True)
+class LatentJob:
+    dataset: str
+    base: str
+    spec: BucketSpec
+    flip: bool
+
+    @property
+    def name(self) -> str:
+        return paths.latent_spec(self.base, self.spec, self.flip)
+
+
+class Workspace:
+    def __init__(self, project: Project):
+        self.project = project
+        self._datasets: dict[str, Dataset] = {}
+
+    @classmethod
+    def load(cls, config_file: str | Path = "configs/config.yaml") -> "Workspace":
+        return cls(load_project(config_file))
+
+    # ------------------------------------------------------------ datasets
+    def dataset(self, name: str, caption_extension: str = ".txt") -> Dataset:
+        key = f"{name}{caption_extension}"
+        if key not in self._datasets:
+            self._datasets[key] = scan_dataset(self.project.dataset_root(name), name, caption_extension)
+        return self._datasets[key]
+
+    def run_datasets(self, run: str) -> dict[str, Dataset]:
+        cfg = self.project.runs[run]
+        return {ds: self.dataset(ds, cfg.captions.extension) for ds in cfg.datasets}
+
+    def images(self, dataset: str) -> list[str]:
+        root = self.project.dataset_root(dataset)
+        return [str(p) for p in image_files(root)]
+
+    # ------------------------------------------------------------ latents
+    def latent_job(self, run: str, dataset: str) -> LatentJob:
+        cfg = self.project.runs[run]
+        return LatentJob(dataset, cfg.base, cfg.bucket_spec(), cfg.augment.flip)
+
+    @cached_property
+    def latent_jobs(self) -> dict[tuple[str, str], LatentJob]:
+        jobs = {}
+        for run, cfg in self.project.runs.items():
+            for ds in cfg.datasets:
+                job = self.latent_job(run, ds)
+                jobs[(ds, job.name)] = job
+        return jobs
+
+    def latent_indexes(self, run: str) -> dict[str, str]:
+        return {ds: paths.latent_index(ds, self.latent_job(run, ds).name) for ds in self.project.runs[run].datasets}
+
+    # ------------------------------------------------------------ training
+    def run(self, name: str) -> RunConfig:
+        return self.project.runs[name]
+
+    def plan(self, run: str) -> TrainingPlan:
+        return plan_training(self.run(run), self.run_datasets(run))
+
+    def epoch_files(self, run: str) -> list[str]:
+        return [paths.epoch_lora(run, e) for e in saved_epochs(self.run(run), self.plan(run))]
+
+    def caption_digests(self, run: str) -> dict[str, str]:
+        return {ds: caption_digest(d) for ds, d in self.run_datasets(run).items()}
+
+    def train_params(self, run: str) -> dict:
+        """Everything besides input files that decides a run's bytes: rebuild when it changes."""
+        resolved = self.run(run).model_dump(mode="json")
+        return {"config": store.digest(resolved), "captions": self.caption_digests(run),
+                "trainer_version": TRAINER_VERSION * 1000 + self.project.file.trainer_version}
+
+    def report_params(self, dataset: str) -> dict:
+        runs = {run: {"spec": str(self.run(run).bucket_spec()), "plan": str(self.plan(run))}
+                for run in self.project.runs_using(dataset)}
+        return {"captions": caption_digest(self.dataset(dataset)), "runs": store.digest(runs)}
+
+    def report_spec(self, dataset: str) -> BucketSpec:
+        """The bucket spec the report histograms: the first run's using it, else the defaults'."""
+        users = self.project.runs_using(dataset)
+        if users:
+            return self.run(users[0]).bucket_spec()
+        return RunConfig.model_validate({**self.project.file.defaults, "datasets": [dataset]}).bucket_spec()

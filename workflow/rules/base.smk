@@ -1,0 +1,12 @@
+rule base_model:
+    output:
+        json="results/base/{base}/base.json",
+    params:
+        spec=lambda w: WS.project.file.bases[w.base].model_dump(mode="json"),
+    log:
+        "logs/base_model/{base}.log",
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "{LORABAKE} base --base {wildcards.base} > {log} 2>&1"

@@ -1,0 +1,30 @@
+rule merge:
+    input:
+        unpack(get_merge_inputs),
+    output:
+        checkpoint="results/merged/{name}.safetensors",
+    params:
+        spec=lambda w: get_merge(w).model_dump(mode="json"),
+    log:
+        "logs/merge/{name}.log",
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    shell:
+        "{LORABAKE} merge --name {wildcards.name} > {log} 2>&1"
+
+
+rule extract:
+    input:
+        unpack(get_extract_inputs),
+    output:
+        lora="results/extracted/{name}.safetensors",
+    params:
+        spec=lambda w: get_extract(w).model_dump(mode="json"),
+    log:
+        "logs/extract/{name}.log",
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    shell:
+        "{LORABAKE} extract --name {wildcards.name} > {log} 2>&1"
