@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lorabake import paths, store
 from lorabake.config import ConfigError
-from lorabake.dataset import DatasetError, split_tags
+from lorabake.dataset import DatasetError, image_files, split_tags
 from lorabake.workspace import Workspace
 
 
@@ -51,7 +51,7 @@ def cmd_cache_latents(ws: Workspace, args) -> None:
     vae = models.load_base(base_dir, parts=("vae",)).vae
     vae_id = models.base_id(base_dir)
     root = ws.project.dataset_root(args.dataset)
-    images = [(Path(p), Path(p).relative_to(root).as_posix()) for p in ws.images(args.dataset)]
+    images = [(p, p.relative_to(root).as_posix()) for p in image_files(root)]
     latents.cache_latents(images, job.spec, job.flip, vae, vae_id, Path(paths.latent_store(vae_id, job.spec)),
                           Path(paths.latent_index(args.dataset, args.spec)),
                           meta={"dataset": args.dataset, "spec": args.spec})

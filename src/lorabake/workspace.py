@@ -5,6 +5,7 @@ declares and what its job does cannot disagree.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -51,8 +52,9 @@ class Workspace:
         return {ds: self.dataset(ds, cfg.captions.extension) for ds in cfg.datasets}
 
     def images(self, dataset: str) -> list[str]:
+        """The dataset's image files, relative to the project root, so a moved project stays built."""
         root = self.project.dataset_root(dataset)
-        return [str(p) for p in image_files(root)]
+        return [os.path.relpath(p, self.project.root) for p in image_files(root)]
 
     # ------------------------------------------------------------ latents
     def latent_job(self, run: str, dataset: str) -> LatentJob:

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Everything a fresh machine with Python 3.11 and pip needs: a .venv with lorabake and its tools.
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH=${LORABAKE_TORCH:-torch==2.13.0}   # CUDA users: set LORABAKE_TORCH to their torch build
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
+.venv/bin/python -c "import torch" 2>/dev/null || pip "$TORCH"
+pip -r envs/requirements-cpu.txt
+.venv/bin/python -c "import importlib.util as u; assert u.find_spec('open_clip')" 2>/dev/null \
+  || pip --no-deps "open-clip-torch>=2.24,<4"
+pip --no-deps -e .
+.venv/bin/lorabake --help > /dev/null
+echo "lorabake is set up in .venv (run: .venv/bin/snakemake -j1 all)"

@@ -1,0 +1,89 @@
+"""Shared fixtures: a copy of the demo project built once per session, and Snakemake helpers."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_project(dest: Path) -> Path:
+    """A self-contained copy of the repo's demo project (its own Snakefile, rules, configs, datasets)
+    plus a second dataset `other` used by one extra run, so "only the runs using A" is observable."""
+    dest.mkdir(parents=True)
+    for name in ("Snakefile", "workflow", "configs", "datasets"):
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
+    other = dest / "datasets" / "other" / "2_lbk_other"
+    other.mkdir(parents=True)
+    for image in sorted((REPO / "datasets" / "demo" / "3_lbk_square").glob("*.png"))[:2]:
+        shutil.copy2(image, other / image.name)
+        (other / image.with_suffix(".txt").name).write_text("lbk_other, square\n")
+    config = yaml.safe_load((dest / "configs" / "config.yaml").read_text())
+    config["datasets"]["other"] = {"path": "datasets/other"}
+    (dest / "configs" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (dest / "configs" / "runs" / "other-run.yaml").write_text(
+        "datasets: [other]\ntraining: {epochs: 2, batch_size: 1}\n")
+    return dest
+
+
+def snakemake(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-j1", *args], cwd=project,
+                            capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def planned_jobs(project: Path, *targets: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job a dry run of `all` would run, rule `all` excluded."""
+    out = snakemake(project, "-n", *(targets or ("all",)))
+    text = out.stdout + out.stderr
+    jobs, rule = [], None
+    for line in text.splitlines():
+        match = re.match(r"^(?:local)?rule (\w+):$", line.strip())
+        if match:
+            rule = match[1]
+            if rule != "all":
+                jobs.append((rule, {}))
+            continue
+        match = re.match(r"^wildcards: (.*)$", line.strip())
+        if match and rule != "all" and jobs:
+            jobs[-1][1].update(dict(part.split("=", 1) for part in match[1].split(", ")))
+    return jobs
+
+
+def rules_of(jobs) -> set[str]:
+    return {rule for rule, _ in jobs}
+
+
+def runs_of(jobs, rule: str = "train") -> set[str]:
+    return {w["run"] for r, w in jobs if r == rule}
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory) -> Path:
+    """The demo project (+ `other`), built with `snakemake -j1 all` once for the whole session."""
+    project = make_project(tmp_path_factory.mktemp("built") / "project")
+    snakemake(project, "all")
+    return project
+
+
+@pytest.fixture
+def project_copy(built_project, tmp_path) -> Path:
+    """A private copy of the built project (mtimes and Snakemake metadata kept) to edit freely."""
+    dest = tmp_path / "project"
+    shutil.copytree(built_project, dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture
+def fresh_project(tmp_path) -> Path:
+    """An unbuilt copy of the project, for parse-time checks."""
+    return make_project(tmp_path / "fresh")

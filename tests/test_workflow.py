@@ -1,0 +1,107 @@
+"""End-to-end: `snakemake -j1 all` on the demo project, and DESIGN's rebuild contract row by row."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from PIL import Image
+
+from conftest import planned_jobs, rules_of, runs_of, snakemake
+
+EXPECTED = [
+    "results/base/tiny/base.json",
+    "results/datasets/demo/report.json", "results/datasets/demo/report.md", "results/datasets/demo/buckets.png",
+    "results/runs/demo-lora/demo-lora.safetensors", "results/runs/demo-lora/epochs/demo-lora-e0004.safetensors",
+    "results/runs/demo-lora/train.jsonl", "results/runs/demo-lora/loss.png", "results/runs/demo-lora/grid.png",
+    "results/runs/demo-unet-only/demo-unet-only.safetensors", "results/runs/demo-unet-only/grid.png",
+    "results/merged/demo-merged.safetensors", "results/extracted/demo-extracted.safetensors",
+]
+
+
+def latent_store_files(project: Path) -> set[Path]:
+    return set((project / "results" / "cache" / "latents").rglob("*.safetensors"))
+
+
+def test_all_builds_every_artifact(built_project):
+    missing = [p for p in EXPECTED if not (built_project / p).is_file()]
+    assert not missing
+    indexes = list((built_project / "results" / "latents" / "demo").glob("*/index.json"))
+    assert len(indexes) == 2  # demo-lora plain, demo-unet-only with flip
+
+
+def test_no_change_means_nothing_to_do(built_project):
+    out = snakemake(built_project, "-n", "all")
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_caption_edit_retrains_only_runs_using_that_dataset(project_copy):
+    caption = project_copy / "datasets" / "other" / "2_lbk_other"
+    first = sorted(caption.glob("*.txt"))[0]
+    first.write_text("lbk_other, square, new tag\n")
+    jobs = planned_jobs(project_copy)
+    assert "cache_latents" not in rules_of(jobs)
+    assert runs_of(jobs) == {"other-run"}
+
+
+def test_whitespace_edit_and_touch_cost_nothing(project_copy):
+    caption = sorted((project_copy / "datasets" / "demo" / "3_lbk_square").glob("*.txt"))[0]
+    caption.write_text("  " + caption.read_text().replace(", ", " ,   ") + "\n\n")
+    for path in (project_copy / "datasets" / "demo").rglob("*.txt"):
+        path.touch()
+    assert planned_jobs(project_copy) == []
+
+
+def test_new_image_is_encoded_alone(project_copy):
+    folder = project_copy / "datasets" / "demo" / "5_lbk_circle"
+    Image.new("RGB", (128, 128), (200, 30, 30)).save(folder / "new.png")
+    (folder / "new.txt").write_text("lbk_circle, red, plain background\n")
+    jobs = planned_jobs(project_copy)
+    assert {w["ds"] for r, w in jobs if r == "cache_latents"} == {"demo"}
+    assert runs_of(jobs) == {"demo-lora", "demo-unet-only"}
+    before = latent_store_files(project_copy)
+    indexes = [str(p.relative_to(project_copy)) for p in (project_copy / "results/latents/demo").glob("*/index.json")]
+    snakemake(project_copy, *indexes)
+    added = latent_store_files(project_copy) - before
+    assert len(added) == 2  # one entry per flip state: the plain image, and its mirror for the flip run
+    assert {p.name.endswith("-flip.safetensors") for p in added} == {True, False}
+    logs = " ".join(p.read_text() for p in (project_copy / "logs" / "cache_latents" / "demo").glob("*.log"))
+    assert sum(map(int, re.findall(r"encoded (\d+)", logs))) == 2  # whichever job ran first encoded the plain one
+
+
+def test_lr_change_retrains_one_run(project_copy):
+    (project_copy / "configs" / "runs" / "demo-unet-only.yaml").write_text(
+        "network: {train_text_encoder: false, dim: 8, alpha: 4}\noptimizer: {lr: 1.0e-3}\n"
+        "scheduler: {type: cosine, warmup: 0.1}\naugment: {flip: true}\n")
+    jobs = planned_jobs(project_copy)
+    assert runs_of(jobs) == {"demo-unet-only"}
+    assert rules_of(jobs) == {"train", "sample_grid"}
+
+
+def test_prompt_change_rerenders_grids_only(project_copy):
+    config = project_copy / "configs" / "config.yaml"
+    config.write_text(config.read_text().replace("red circle, plain background", "red circle, white background"))
+    jobs = planned_jobs(project_copy)
+    assert rules_of(jobs) == {"sample_grid"}
+    assert runs_of(jobs, "sample_grid") == {"demo-lora", "demo-unet-only", "other-run"}
+
+
+def test_comment_edit_rebuilds_nothing(project_copy):
+    for path in [project_copy / "Snakefile", *(project_copy / "workflow" / "rules").glob("*.smk"),
+                 project_copy / "configs" / "config.yaml", *(project_copy / "configs" / "runs").glob("*.yaml")]:
+        path.write_text("# an edited comment\n" + path.read_text())
+    assert planned_jobs(project_copy) == []
+
+
+def test_training_really_learns(built_project):
+    records = [json.loads(line) for line in (built_project / "results/runs/demo-lora/train.jsonl").read_text().splitlines()]
+    epochs = sorted({r["epoch"] for r in records})
+    mean = {e: sum(r["loss"] for r in records if r["epoch"] == e) / sum(r["epoch"] == e for r in records) for e in epochs}
+    assert mean[epochs[-1]] < mean[epochs[0]]
+
+
+def test_lora_strength_changes_samples(built_project):
+    samples = built_project / "results/runs/demo-lora/samples"
+    base = Image.open(samples / "p0-epoch4-s0.png").tobytes()
+    full = Image.open(samples / "p0-epoch4-s1.png").tobytes()
+    assert base != full
