@@ -263,25 +263,29 @@ def _has_key(data: Any, loc: tuple) -> bool:
     return True
 
 
-def format_errors(error: ValidationError, sources: list[tuple[Path, dict[str, Any]]], prefix: str = "") -> str:
-    """One line per problem: the file it came from, the dotted key path, and pydantic's message."""
+Source = tuple[Path, dict[str, Any], str]  # file, the data it contributed, key prefix inside it
+
+
+def format_errors(error: ValidationError, sources: list[Source]) -> str:
+    """One line per problem: the file it came from, the dotted key path there, and pydantic's message.
+    The first source that spells the key is blamed (a run file before the defaults under it)."""
     lines = []
     for problem in error.errors():
         loc = tuple(problem["loc"])
-        source = next((path for path, data in sources if _has_key(data, loc)), sources[0][0])
+        path, _, prefix = next((s for s in sources if _has_key(s[1], loc)), sources[0])
         key = ".".join(str(part) for part in loc) or "(top level)"
-        lines.append(f"{source}: {prefix}{key}: {problem['msg']}")
+        lines.append(f"{path}: {prefix}{key}: {problem['msg']}")
     return "\n".join(lines)
 
 
-def _validated(model: type[BaseModel], data: dict[str, Any], sources, prefix: str = ""):
+def _validated(model: type[BaseModel], data: dict[str, Any], sources: list[Source]):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             value = model.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(format_errors(e, sources, prefix)) from None
-    return value, [f"{sources[-1][0]}: {w.message}" for w in caught]
+            raise ConfigError(format_errors(e, sources)) from None
+    return value, [f"{sources[0][0]}: {w.message}" for w in caught]
 
 
 def load_project(config_file: str | Path, runs_dir: str | Path | None = None) -> Project:
@@ -290,7 +294,7 @@ def load_project(config_file: str | Path, runs_dir: str | Path | None = None) ->
     root = config_file.parent.parent if config_file.parent.name == "configs" else config_file.parent
     runs_dir = Path(runs_dir).resolve() if runs_dir else config_file.parent / "runs"
     raw = read_yaml(config_file)
-    project_file, notes = _validated(ProjectFile, raw, [(config_file, raw)])
+    project_file, notes = _validated(ProjectFile, raw, [(config_file, raw, "")])
     runs, run_files = {}, {}
     for run_file in sorted(runs_dir.glob("*.yaml")):
         name = run_file.stem
@@ -298,7 +302,7 @@ def load_project(config_file: str | Path, runs_dir: str | Path | None = None) ->
             raise ConfigError(f"{run_file}: run names may use letters, digits, '_', '-', '.' only")
         run_raw = read_yaml(run_file)
         merged = deep_merge(project_file.defaults, run_raw)
-        sources = [(run_file, run_raw), (config_file, {"defaults": project_file.defaults})]
+        sources = [(run_file, run_raw, ""), (config_file, project_file.defaults, "defaults.")]
         runs[name], run_notes = _validated(RunConfig, merged, sources)
         run_files[name] = run_file
         notes += run_notes

@@ -35,7 +35,7 @@ def target_modules(unet, text_encoder, conv: bool) -> dict[str, torch.nn.Module]
     from lycoris.kohya import create_network as lycoris_network
 
     network._quiet_lycoris()
-    preset = "full" if conv else network.PRESET["lora"]
+    preset = "full" if conv else network.PRESET["lora"]  # full = kohya LoCon: + ResNet 3x3 convs
     net = lycoris_network(1.0, 1, 1.0, None, text_encoder, unet, algo="lora", preset=preset,
                           conv_dim=1 if conv else 0, warn_on_unmatched=False)
     return {lora.lora_name: lora.org_module[0] for lora in net.unet_loras + net.text_encoder_loras}
@@ -61,7 +61,7 @@ def extract(base_dir: Path, tuned_checkpoint: Path, dim: int, conv_dim: int | No
         run_name=out.stem, algo="lora", dim=dim, alpha=float(dim), preset="extracted", base_id=base.id,
         resolution=(512, 512), epoch=0, steps=0, facts={"ss_training_comment": f"extracted from {tuned_checkpoint.name}",
                                                          "ss_conv_dim": str(conv_dim or 0)})
-    lora_format.save_lora(state, out, precision, metadata)
+    lora_format.save_lora(network.to_kohya_keys(state, base.text_encoder), out, precision, metadata)
     modules = len(state) // 3
     print(f"extract: {modules} modules at dim {dim}" + (f", conv_dim {conv_dim}" if conv_dim else ""))
     return modules

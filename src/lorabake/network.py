@@ -1,8 +1,8 @@
 """LoRA networks from lycoris-lora, named the way kohya names them.
 
 lycoris' kohya wrapper prefixes module paths with `lora_unet_` / `lora_te_` and replaces dots by
-underscores, which is exactly kohya's key scheme. The `attn-mlp` preset targets what kohya's own
-LoRA targets: the Linear and 1×1 conv layers inside the UNet's transformer blocks, and the CLIP text
+underscores, which is exactly kohya's key scheme. Our preset (presets/kohya-lora.toml) targets what kohya's
+own LoRA targets: the Linear and 1×1 conv layers inside the UNet's transformer blocks, and the CLIP text
 encoder's attention and MLP layers.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from lorabake.config import Network
 
-PRESET = {"lora": "attn-mlp"}
+PRESET_DIR = Path(__file__).parent / "presets"
+PRESET = {"lora": str(PRESET_DIR / "kohya-lora.toml")}
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
 
@@ -26,11 +27,12 @@ def _quiet_lycoris() -> None:
 
 def use_preset(name: str) -> None:
     """lycoris keeps its target preset on the class; set it before building any network."""
-    from lycoris.config import PRESET
+    from lycoris.config import PRESET as BUILTIN
     from lycoris.kohya import LycorisNetworkKohya
+    from lycoris.utils.preset import read_preset
 
     _quiet_lycoris()
-    LycorisNetworkKohya.apply_preset(PRESET[name])
+    LycorisNetworkKohya.apply_preset(BUILTIN[name] if name in BUILTIN else read_preset(name))
 
 
 def create_network(unet, text_encoder, cfg: Network, seed: int):
@@ -46,6 +48,29 @@ def create_network(unet, text_encoder, cfg: Network, seed: int):
     return network
 
 
+# transformers 5 dropped CLIPTextModel's `text_model.` level, so lycoris names its modules
+# `lora_te_encoder_…`; kohya, A1111 and ComfyUI expect `lora_te_text_model_encoder_…`.
+FLAT_TE_PREFIX = f"{TEXT_ENCODER_PREFIX}_"
+KOHYA_TE_PREFIX = f"{TEXT_ENCODER_PREFIX}_text_model_"
+
+
+def _flat(text_encoder) -> bool:
+    return text_encoder is not None and not hasattr(text_encoder, "text_model")
+
+
+def to_kohya_keys(state: dict, text_encoder) -> dict:
+    """Module-path keys of this model → the key names every other tool expects."""
+    if not _flat(text_encoder):
+        return state
+    return {KOHYA_TE_PREFIX + k[len(FLAT_TE_PREFIX):] if k.startswith(FLAT_TE_PREFIX) else k: v for k, v in state.items()}
+
+
+def from_kohya_keys(state: dict, text_encoder) -> dict:
+    if not _flat(text_encoder):
+        return state
+    return {FLAT_TE_PREFIX + k[len(KOHYA_TE_PREFIX):] if k.startswith(KOHYA_TE_PREFIX) else k: v for k, v in state.items()}
+
+
 class UnmatchedKeys(ValueError):
     """A LoRA file names modules this model does not have ("lora key not loaded")."""
 
@@ -55,7 +80,7 @@ def load_weights(path: Path, unet, text_encoder, multiplier: float = 1.0):
     from lycoris.kohya import create_network_from_weights
 
     use_preset(PRESET["lora"])  # any preset works for loading; the default one fails on SD1 UNets
-    weights = load_file(str(path))
+    weights = from_kohya_keys(load_file(str(path)), text_encoder)
     network, _ = create_network_from_weights(multiplier, str(path), None, text_encoder, unet, weights_sd=weights)
     loaded = {lora.lora_name for lora in network.unet_loras + network.text_encoder_loras}
     unmatched = sorted({key.split(".")[0] for key in weights} - loaded)

@@ -125,14 +125,14 @@ def train(inputs: RunInputs) -> list[dict]:
             progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
             progress.update()
         if epoch in saved_epochs(run, plan):
-            save_checkpoint(net, inputs, epoch, step, plan, paths.epoch_lora(inputs.name, epoch))
+            save_checkpoint(net, base, inputs, epoch, step, plan, paths.epoch_lora(inputs.name, epoch))
     progress.close()
-    save_checkpoint(net, inputs, plan.epochs, step, plan, paths.run_lora(inputs.name))
+    save_checkpoint(net, base, inputs, plan.epochs, step, plan, paths.run_lora(inputs.name))
     write_logs(inputs.name, records, plan)
     return records
 
 
-def save_checkpoint(net, inputs: RunInputs, epoch: int, step: int, plan: TrainingPlan, path: str) -> None:
+def save_checkpoint(net, base: models.Base, inputs: RunInputs, epoch: int, step: int, plan: TrainingPlan, path: str) -> None:
     run = inputs.run
     facts = {**inputs.facts, "ss_num_epochs": str(plan.epochs), "ss_max_train_steps": str(plan.total_steps),
              "ss_batch_size_per_device": str(run.training.batch_size), "ss_learning_rate": f"{run.optimizer.lr:g}",
@@ -142,9 +142,10 @@ def save_checkpoint(net, inputs: RunInputs, epoch: int, step: int, plan: Trainin
              "ss_optimizer": "torch.optim.AdamW", "ss_flip_aug": str(run.augment.flip)}
     metadata = lora_format.lora_metadata(
         run_name=inputs.name, algo=run.network.algo, dim=run.network.dim, alpha=run.network.alpha,
-        preset=network.PRESET[run.network.algo], base_id=models.base_id(inputs.base_dir),
+        preset=Path(network.PRESET[run.network.algo]).stem, base_id=models.base_id(inputs.base_dir),
         resolution=run.size, epoch=epoch, steps=step, facts=facts)
-    lora_format.save_lora(net.state_dict(), path, run.save.precision, metadata)
+    state = network.to_kohya_keys(net.state_dict(), base.text_encoder)
+    lora_format.save_lora(state, path, run.save.precision, metadata)
 
 
 def write_logs(name: str, records: list[dict], plan: TrainingPlan) -> None:

@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from lorabake.config import ConfigError, RunConfig, load_project
+
+CONFIG = """
+bases: {tiny: {builtin: tiny-sd}}
+datasets: {demo: {path: data}}
+defaults: {datasets: [demo], resolution: 128, network: {dim: 4, alpha: 2}}
+"""
+
+
+def project(tmp_path: Path, run: str, config: str = CONFIG) -> Path:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "runs").mkdir(exist_ok=True)
+    (tmp_path / "config.yaml").write_text(config)
+    (tmp_path / "runs" / "a.yaml").write_text(run)
+    return tmp_path / "config.yaml"
+
+
+def test_defaults_merge_under_run(tmp_path):
+    p = load_project(project(tmp_path, "network: {dim: 16}\n"))
+    run = p.runs["a"]
+    assert run.network.dim == 16 and run.network.alpha == 2 and run.size == (128, 128)
+
+
+def test_unknown_key_names_run_file_and_path(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_project(project(tmp_path, "optimizer: {lr: 1.0e-4, betas: [0.9, 0.99]}\n"))
+    assert "a.yaml: optimizer.betas" in str(e.value)
+
+
+def test_error_from_defaults_names_config_yaml(tmp_path):
+    config = CONFIG.replace("resolution: 128", "resolution: 100")
+    with pytest.raises(ConfigError) as e:
+        load_project(project(tmp_path, "", config))
+    assert "config.yaml: defaults.resolution" in str(e.value)
+
+
+def test_wrong_type_and_cross_field(tmp_path):
+    with pytest.raises(ConfigError, match="training.epochs"):
+        load_project(project(tmp_path, "training: {epochs: many}\n"))
+    with pytest.raises(ConfigError, match="nothing would be trained"):
+        load_project(project(tmp_path, "network: {train_unet: false, train_text_encoder: false}\n"))
+    with pytest.raises(ConfigError, match="unknown AdamW argument"):
+        load_project(project(tmp_path, "optimizer: {args: {decouple: true}}\n"))
+
+
+def test_references_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="'nope' is not a key of datasets"):
+        load_project(project(tmp_path, "datasets: [nope]\n"))
+
+
+def test_alpha_above_dim_is_a_warning(tmp_path):
+    p = load_project(project(tmp_path, "network: {dim: 2, alpha: 8}\n"))
+    assert any("network.alpha (8) > network.dim (2)" in w for w in p.warnings)
+
+
+def test_bucket_spec_and_resolution_pairs():
+    run = RunConfig(datasets=["d"], resolution=(192, 128))
+    assert run.bucket_spec().resolution == (192, 128)
