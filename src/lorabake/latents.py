@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from lorabake import buckets, store
@@ -73,8 +73,8 @@ def cache_latents(images: list[tuple[Path, str]], spec: BucketSpec, flip: bool, 
                 reused += 1
             else:
                 latents = encode(vae, image, placement, flip=state == "flip")
-                with store.atomic_path(store_dir / name) as tmp:
-                    save_file({"latents": latents}, str(tmp), metadata={"vae_id": vae_id, "bucket": f"{placement.bucket}"})
+                store.write_safetensors(store_dir / name, {"latents": latents},
+                                        {"vae_id": vae_id, "bucket": f"{placement.bucket}"})
                 encoded += 1
             files[state] = name
         entries.append({"rel": job.rel, "sha256": job.sha256, "bucket": list(placement.bucket),

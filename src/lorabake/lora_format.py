@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 from lorabake import __version__, store
 
@@ -30,15 +30,9 @@ def cast(state: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tens
     return {k: v.detach().to("cpu", DTYPES[precision]).contiguous() for k, v in sorted(state.items())}
 
 
-def save_safetensors(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Atomic safetensors write; metadata values must be strings."""
-    with store.atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
-
-
 def save_lora(state: dict[str, torch.Tensor], path: str | Path, precision: str, metadata: dict[str, str]) -> None:
     state = cast(state, precision)
-    save_safetensors(state, path, {**metadata, "sshs_model_hash": tensor_hash(state)})
+    store.write_safetensors(path, state, {**metadata, "sshs_model_hash": tensor_hash(state)})
 
 
 def network_module(algo: str) -> str:

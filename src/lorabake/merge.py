@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lorabake import lora_format, models, network
+from lorabake import lora_format, models, network, store
 
 COMPONENTS = ("unet", "text_encoder", "vae")
 
@@ -28,7 +28,7 @@ def merge(base_dir: Path, loras: list[tuple[Path, float]], out: Path, precision:
     state = {f"{name}.{key}": value for name in COMPONENTS for key, value in getattr(base, name).state_dict().items()}
     metadata = {"lorabake_base_id": base.id, "lorabake_layout": "diffusers-prefixed",
                 "lorabake_loras": json.dumps([[str(p), r] for p, r in loras])}
-    lora_format.save_safetensors(lora_format.cast(state, precision), out, metadata)
+    store.write_safetensors(out, lora_format.cast(state, precision), metadata)
 
 
 def load_merged(base_dir: Path, checkpoint: Path) -> models.Base:

@@ -77,3 +77,20 @@ def tree_sha256(root: str | os.PathLike) -> str:
         h.update(path.relative_to(root).as_posix().encode())
         h.update(file_sha256(path).encode())
     return h.hexdigest()
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes with a canonical header: the library writes metadata in hash-map order,
+    which changes from process to process; sorted keys make equal contents equal bytes."""
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata=metadata)
+    length = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment with spaces
+    return len(text).to_bytes(8, "little") + text + blob[8 + length :]
+
+
+def write_safetensors(destination: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    write_bytes(destination, safetensors_bytes(tensors, metadata))
