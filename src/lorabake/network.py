@@ -58,17 +58,19 @@ def _flat(text_encoder) -> bool:
     return text_encoder is not None and not hasattr(text_encoder, "text_model")
 
 
-def to_kohya_keys(state: dict, text_encoder) -> dict:
-    """Module-path keys of this model → the key names every other tool expects."""
+def _swap_te_prefix(state: dict, text_encoder, old: str, new: str) -> dict:
     if not _flat(text_encoder):
         return state
-    return {KOHYA_TE_PREFIX + k[len(FLAT_TE_PREFIX):] if k.startswith(FLAT_TE_PREFIX) else k: v for k, v in state.items()}
+    return {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
+
+
+def to_kohya_keys(state: dict, text_encoder) -> dict:
+    """Module-path keys of this model → the key names every other tool expects."""
+    return _swap_te_prefix(state, text_encoder, FLAT_TE_PREFIX, KOHYA_TE_PREFIX)
 
 
 def from_kohya_keys(state: dict, text_encoder) -> dict:
-    if not _flat(text_encoder):
-        return state
-    return {FLAT_TE_PREFIX + k[len(KOHYA_TE_PREFIX):] if k.startswith(KOHYA_TE_PREFIX) else k: v for k, v in state.items()}
+    return _swap_te_prefix(state, text_encoder, KOHYA_TE_PREFIX, FLAT_TE_PREFIX)
 
 
 class UnmatchedKeys(ValueError):
