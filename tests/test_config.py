@@ -43,8 +43,15 @@ def test_wrong_type_and_cross_field(tmp_path):
         load_project(project(tmp_path, "training: {epochs: many}\n"))
     with pytest.raises(ConfigError, match="nothing would be trained"):
         load_project(project(tmp_path, "network: {train_unet: false, train_text_encoder: false}\n"))
-    with pytest.raises(ConfigError, match="unknown AdamW argument"):
+    with pytest.raises(ConfigError, match="decouple"):
         load_project(project(tmp_path, "optimizer: {args: {decouple: true}}\n"))
+    load_project(project(tmp_path, "optimizer: {type: prodigy, lr: 1.0, args: {decouple: true, d_coef: 2}}\n"))
+    with pytest.raises(ConfigError, match="cannot be cached"):
+        load_project(project(tmp_path, "augment: {color: true}\ntraining: {cache_latents: true}\n"))
+    with pytest.raises(ConfigError, match="block_dims needs 25 values"):
+        load_project(project(tmp_path, "network: {block_dims: [4, 4]}\n"))
+    with pytest.raises(ConfigError, match="network.init_weights: file .* does not exist"):
+        load_project(project(tmp_path, "network: {init_weights: nope.safetensors}\n"))
 
 
 def test_references_are_checked(tmp_path):
@@ -60,3 +67,32 @@ def test_alpha_above_dim_is_a_warning(tmp_path):
 def test_bucket_spec_and_resolution_pairs():
     run = RunConfig(datasets=["d"], resolution=(192, 128))
     assert run.bucket_spec().resolution == (192, 128)
+
+
+def test_sweep_expands_to_named_runs(tmp_path):
+    p = load_project(project(tmp_path, "sweep: {network.dim: [4, 8], optimizer.type: [adamw, prodigy]}\n"
+                                       "optimizer: {lr: 1.0}\n"))
+    assert sorted(p.runs) == ["a-dim_4-type_adamw", "a-dim_4-type_prodigy", "a-dim_8-type_adamw", "a-dim_8-type_prodigy"]
+    run = p.runs["a-dim_8-type_prodigy"]
+    assert (run.network.dim, run.optimizer.type, run.optimizer.lr, run.network.alpha) == (8, "prodigy", 1.0, 2)
+
+
+def test_sweep_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="a.yaml: sweep.network.dim: must be a non-empty list"):
+        load_project(project(tmp_path, "sweep: {network.dim: 4}\n"))
+    with pytest.raises(ConfigError, match="a.yaml: sweep point network.dimm"):
+        load_project(project(tmp_path, "sweep: {network.dimm: [4]}\n"))
+
+
+def test_option_reference_is_generated_from_the_models():
+    from lorabake import config, docs
+
+    committed = (Path(__file__).parents[1] / "docs" / "options.md").read_text()
+    assert committed == docs.option_reference(), "run `lorabake docs` to regenerate docs/options.md"
+    keys = {row[0] for row in docs.field_rows(config.RunConfig)}
+    for name, field in config.RunConfig.model_fields.items():
+        assert name in keys
+        model = docs.nested_model(field.annotation, name)
+        if model is not None:
+            assert {f"{name}.{child}" for child in model[0].model_fields} <= keys
+    assert "| network.algo |" in committed and "| loss.multires_noise.iterations |" in committed

@@ -37,7 +37,8 @@ def cmd_dataset_report(ws: Workspace, args) -> None:
     runs = {}
     for run in ws.project.runs_using(args.dataset):
         plan, cfg = ws.plan(run), ws.run(run)
-        runs[run] = {"batch_size": cfg.training.batch_size, "epochs": plan.epochs, "max_steps": cfg.training.max_steps}
+        runs[run] = {"batch_size": cfg.training.batch_size, "grad_accum": cfg.training.grad_accum,
+                     "epochs": cfg.training.epochs, "max_steps": cfg.training.max_steps}
     report.write_report(ws.dataset(args.dataset), ws.report_spec(args.dataset), runs, Path(paths.dataset_report(args.dataset)))
 
 
@@ -72,20 +73,25 @@ def cmd_train(ws: Workspace, args) -> None:
              "lorabake_config_digest": ws.train_params(args.run)["config"],
              "lorabake_caption_digests": ws.caption_digests(args.run)}
     indexes = {ds: latents.read_index(Path(p)) for ds, p in ws.latent_indexes(args.run).items()}
-    train(RunInputs(args.run, run, Path(paths.base_dir(run.base)), datasets, indexes, facts))
+    for folder in ("epochs", "steps"):
+        Path(paths.run_dir(args.run), folder).mkdir(parents=True, exist_ok=True)
+    train(RunInputs(args.run, run, Path(paths.base_dir(run.base)), datasets, indexes, facts,
+                    root=ws.project.root, digest=store.digest(ws.train_params(args.run))))
 
 
 def cmd_sample(ws: Workspace, args) -> None:
     from lorabake.sample import sample_grid
-    from lorabake.train.plan import saved_epochs
+    from lorabake.train.plan import kept_epochs
 
     run, samples = ws.run(args.run), ws.project.file.samples
     if samples is None:
         raise ConfigError(f"{ws.project.config_file}: samples: not configured, nothing to render")
-    epochs = saved_epochs(run, ws.plan(args.run))
+    epochs = kept_epochs(run, ws.plan(args.run))
     checkpoints = [(f"epoch {e}", Path(paths.epoch_lora(args.run, e))) for e in epochs]
+    embeddings = (run.pivotal, Path(paths.embeddings(args.run, run.pivotal.token))) if run.pivotal else None
     sample_grid(Path(paths.base_dir(run.base)), checkpoints, samples, run.size, Path(paths.sample_grid(args.run)),
-                Path(paths.run_dir(args.run)) / "samples", title=f"{args.run}: epochs x strengths")
+                Path(paths.run_dir(args.run)) / "samples", title=f"{args.run}: epochs x strengths",
+                clip_skip=run.training.clip_skip, embeddings=embeddings)
 
 
 def cmd_merge(ws: Workspace, args) -> None:
@@ -128,11 +134,24 @@ def parser() -> argparse.ArgumentParser:
     add("sample", cmd_sample, "render a run's sample grid (epochs × strengths × prompts)", "run")
     add("merge", cmd_merge, "merge LoRAs into a base checkpoint", "name")
     add("extract", cmd_extract, "extract a LoRA from (merged − base) by SVD", "name")
+    docs = sub.add_parser("docs", help="write the option reference generated from the config models")
+    docs.add_argument("--out", default="docs/options.md")
+    docs.set_defaults(func=None)
     return top
+
+
+def write_docs(out: str) -> None:
+    from lorabake.docs import option_reference
+
+    store.write_text(out, option_reference())
+    print(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "docs":  # needs no project
+        write_docs(args.out)
+        return 0
     try:
         ws = Workspace.load(args.config)
         for warning in ws.project.warnings:

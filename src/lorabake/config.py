@@ -7,7 +7,7 @@ follow kohya's vocabulary. Unknown keys are refused, and every error names the f
 from __future__ import annotations
 
 import copy
-import inspect
+import itertools
 import re
 import warnings
 from pathlib import Path
@@ -59,12 +59,64 @@ class Buckets(Strict):
         return self
 
 
+ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "full", "glora", "diag-oft", "boft")
+BLOCKS = tuple([f"IN{i:02d}" for i in range(12)] + ["MID"] + [f"OUT{i:02d}" for i in range(12)])
+PRECISIONS = Literal["fp16", "bf16", "fp32"]
+
+
+def option(default: Any, description: str, kohya: str | None = None, **constraints: Any) -> Any:
+    """A config field with the text the option reference (docs/options.md) prints for it."""
+    extra = {"kohya": kohya} if kohya else None
+    if callable(default):
+        return Field(default_factory=default, description=description, json_schema_extra=extra, **constraints)
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
+
+
+def _per_block(values: list[float] | None, key: str) -> list[float] | None:
+    if values is not None and len(values) != len(BLOCKS):
+        raise ValueError(f"{key} needs {len(BLOCKS)} values (IN00–IN11, MID, OUT00–OUT11), got {len(values)}")
+    return values
+
+
 class Network(Strict):
-    algo: Literal["lora"] = "lora"
-    dim: int = Field(8, ge=1)
-    alpha: float = Field(1.0, gt=0)
-    train_unet: bool = True
-    train_text_encoder: bool = True
+    algo: Literal[ALGOS] = option("lora", "network type, from lycoris-lora", "--network_module / network_args algo")
+    dim: int = option(8, "rank of the update (network dim)", "--network_dim", ge=1)
+    alpha: float = option(1.0, "scale: the update is multiplied by alpha / dim", "--network_alpha", gt=0)
+    conv_dim: int | None = option(None, "rank for 3×3 convolutions (locon, loha, lokr…); null: convs not trained",
+                                  "network_args conv_dim", ge=1)
+    conv_alpha: float | None = option(None, "alpha for 3×3 convolutions (default: conv_dim)", "network_args conv_alpha", gt=0)
+    factor: int = option(-1, "lokr: Kronecker factor (-1: as balanced as the shape allows)", "network_args factor")
+    dropout: float = option(0.0, "dropout on the update's hidden neurons", "--network_dropout", ge=0.0, lt=1.0)
+    rank_dropout: float = option(0.0, "drops ranks of the update per step", "network_args rank_dropout", ge=0.0, lt=1.0)
+    module_dropout: float = option(0.0, "skips a whole module's update per step", "network_args module_dropout",
+                                   ge=0.0, lt=1.0)
+    block_dims: list[int] | None = option(None, "25 per-block ranks IN00…IN11, MID, OUT00…OUT11 (UNet)",
+                                          "network_args block_dims")
+    block_alphas: list[float] | None = option(None, "25 per-block alphas", "network_args block_alphas")
+    block_lr_weights: list[float] | None = option(None, "25 per-block multipliers of the UNet learning rate",
+                                                  "network_args down_lr_weight/mid_lr_weight/up_lr_weight")
+    block_lr_zero_threshold: float = option(0.0, "blocks whose lr weight is at or below this get no module at all",
+                                            "network_args block_lr_zero_threshold", ge=0.0)
+    init_weights: str | None = option(None, "a LoRA file (same algo and dims) to continue from, relative to the project root",
+                                      "--network_weights")
+    args: dict[str, Any] = option(dict, "further lycoris-lora arguments (use_tucker, use_scalar, constraint, "
+                                  "rescaled, block_size, bypass_mode…)", "--network_args")
+    train_unet: bool = option(True, "train modules on the UNet", "not --network_train_text_encoder_only")
+    train_text_encoder: bool = option(True, "train modules on the text encoder", "not --network_train_unet_only")
+
+    @field_validator("block_dims", "block_alphas", "block_lr_weights")
+    @classmethod
+    def _twenty_five(cls, values, info):
+        return _per_block(values, info.field_name)
+
+    @field_validator("args")
+    @classmethod
+    def _known_network_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(args) - LYCORIS_ARGS)
+        if unknown:
+            raise ValueError(f"unknown lycoris argument(s) {unknown}; known: {sorted(LYCORIS_ARGS)} "
+                             "(dim, alpha, conv_dim, dropouts and factor have their own keys)")
+        return args
 
     @model_validator(mode="after")
     def _something_to_train(self) -> "Network":
@@ -76,45 +128,109 @@ class Network(Strict):
                 f"up by {self.alpha / self.dim:g}, which usually makes training unstable",
                 stacklevel=2,
             )
+        if self.conv_alpha is not None and self.conv_dim is None:
+            raise ValueError("conv_alpha is set but conv_dim is not: set conv_dim to train 3×3 convolutions")
         return self
 
 
-def _adamw_arguments() -> set[str]:
-    import torch
-
-    return set(inspect.signature(torch.optim.AdamW).parameters) - {"params", "lr"}
+LYCORIS_ARGS = {"use_tucker", "use_scalar", "rank_dropout_scale", "constraint", "rescaled", "block_size",
+                "bypass_mode", "train_norm", "dora_wd", "weight_decompose", "full_matrix", "decompose_both",
+                "unbalanced_factorization", "rs_lora"}
+OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit", "sgd_nesterov", "sgd_nesterov8bit", "adafactor",
+              "dadapt_adam", "dadapt_lion", "prodigy")
 
 
 class Optimizer(Strict):
-    type: Literal["adamw"] = "adamw"
-    lr: float = Field(1.0e-4, gt=0)
-    unet_lr: float | None = Field(None, gt=0)
-    text_encoder_lr: float | None = Field(None, gt=0)
-    args: dict[str, Any] = Field(default_factory=dict)
+    type: Literal[OPTIMIZERS] = option("adamw", "optimizer; the 8-bit ones come from bitsandbytes, prodigy from "
+                                       "prodigyopt, dadapt_* from dadaptation", "--optimizer_type")
+    lr: float = option(1.0e-4, "learning rate (adaptive optimizers: a multiplier, usually 1.0)", "--learning_rate", gt=0)
+    unet_lr: float | None = option(None, "UNet learning rate (default: lr)", "--unet_lr", gt=0)
+    text_encoder_lr: float | None = option(None, "text encoder learning rate (default: lr)", "--text_encoder_lr", gt=0)
+    args: dict[str, Any] = option(dict, "keyword arguments of the optimizer (weight_decay, betas, decouple, "
+                                  "d_coef, use_bias_correction, safeguard_warmup, relative_step…)", "--optimizer_args")
 
-    @field_validator("args")
-    @classmethod
-    def _known_args(cls, args: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(args) - _adamw_arguments())
-        if unknown:
-            raise ValueError(f"unknown AdamW argument(s) {unknown}; known: {sorted(_adamw_arguments())}")
-        return args
+    @model_validator(mode="after")
+    def _known_args(self) -> "Optimizer":
+        from lorabake import optim
+
+        optim.check_args(self.type, self.args)
+        return self
 
 
 class Scheduler(Strict):
-    type: Literal["constant", "cosine"] = "constant"
-    warmup: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of total steps")
+    type: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                  "adafactor"] = option("constant", "learning-rate schedule (diffusers.optimization; adafactor: "
+                                        "the optimizer's own relative step)", "--lr_scheduler")
+    warmup: float = option(0.0, "warm-up as a fraction of total steps", "--lr_warmup_steps (as a ratio)", ge=0.0, lt=1.0)
+    cycles: int = option(1, "hard restarts of cosine_with_restarts", "--lr_scheduler_num_cycles", ge=1)
+    power: float = option(1.0, "exponent of polynomial decay", "--lr_scheduler_power", gt=0)
 
 
 class Training(Strict):
-    epochs: int = Field(10, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(1, ge=1)
-    seed: int = 42
+    epochs: int = option(10, "passes over the data (images × repeats)", "--max_train_epochs", ge=1)
+    max_steps: int | None = option(None, "stop after this many optimizer steps, if fewer than epochs give",
+                                   "--max_train_steps", ge=1)
+    batch_size: int = option(1, "images per step (one bucket per batch)", "--train_batch_size", ge=1)
+    grad_accum: int = option(1, "batches per optimizer step", "--gradient_accumulation_steps", ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "autocast dtype of the forward pass",
+                                                            "--mixed_precision")
+    full_precision: bool = option(False, "keep the trained weights in the mixed-precision dtype too",
+                                  "--full_bf16 / --full_fp16")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory",
+                                          "--gradient_checkpointing")
+    attention: Literal["sdpa", "eager"] = option("sdpa", "attention kernel: torch scaled_dot_product_attention "
+                                                 "or the plain matmul", "--sdpa")
+    cache_latents: bool | None = option(None, "encode images once (null: yes unless color/crop augmentation "
+                                        "needs the pixels each step)", "--cache_latents")
+    seed: int = option(42, "seed of everything random; same seed, same bytes on the CPU", "--seed")
+    clip_skip: int = option(1, "use the text encoder's n-th last layer", "--clip_skip", ge=1)
+    max_token_length: Literal[75, 150, 225] = option(75, "caption tokens, encoded in chunks of 75",
+                                                     "--max_token_length")
+    stop_text_encoder_at: float | None = option(None, "fraction of total steps after which the text encoder "
+                                                "stops training", "--stop_text_encoder_training (as a ratio)",
+                                                gt=0.0, le=1.0)
+
+
+class MultiresNoise(Strict):
+    iterations: int = option(0, "pyramid levels of added noise (0: off; 6–10 typical)",
+                             "--multires_noise_iterations", ge=0)
+    discount: float = option(0.3, "weight falloff per level", "--multires_noise_discount", gt=0.0, le=1.0)
+
+
+class Loss(Strict):
+    min_snr_gamma: float | None = option(None, "Min-SNR weighting γ (Hang et al. 2023); 5 is usual",
+                                         "--min_snr_gamma", gt=0)
+    noise_offset: float = option(0.0, "offset noise strength (Guttenberg 2023)", "--noise_offset", ge=0.0)
+    adaptive_noise_scale: float | None = option(None, "adds |mean latent| × this to noise_offset",
+                                                "--adaptive_noise_scale")
+    multires_noise: MultiresNoise = option(MultiresNoise, "multi-resolution (pyramid) noise")
+    prior_loss_weight: float = option(1.0, "loss weight of regularization images", "--prior_loss_weight", ge=0.0)
+    prediction: Literal["auto", "epsilon", "v_prediction"] = option(
+        "auto", "training target (auto: what the base's scheduler says)", "--v_parameterization")
+    scale_weight_norms: float | None = option(None, "max-norm of each module's update (scaled down past it)",
+                                              "--scale_weight_norms", gt=0)
+
+    @model_validator(mode="after")
+    def _offsets(self) -> "Loss":
+        if self.adaptive_noise_scale is not None and self.noise_offset == 0:
+            raise ValueError("adaptive_noise_scale needs noise_offset > 0 (it adjusts the offset)")
+        if self.noise_offset and self.multires_noise.iterations:
+            raise ValueError("noise_offset and multires_noise are exclusive in kohya; choose one")
+        return self
 
 
 class Captions(Strict):
-    extension: str = ".txt"
+    extension: str = option(".txt", "caption file extension", "--caption_extension")
+    shuffle: bool = option(False, "shuffle the comma-separated tags each step", "--shuffle_caption")
+    keep_tokens: int = option(0, "first N tags stay in place (and are never dropped)", "--keep_tokens", ge=0)
+    separator: str = option(",", "what separates tags", "--caption_separator", min_length=1)
+    dropout_rate: float = option(0.0, "probability of training an image with an empty caption",
+                                 "--caption_dropout_rate", ge=0.0, le=1.0)
+    dropout_every_n_epochs: int = option(0, "every N-th epoch trains with empty captions (0: never)",
+                                         "--caption_dropout_every_n_epochs", ge=0)
+    tag_dropout_rate: float = option(0.0, "probability of dropping each tag (after keep_tokens)",
+                                     "--caption_tag_dropout_rate", ge=0.0, le=1.0)
+    weighted: bool = option(False, "read (tag:1.2) / [tag] emphasis as A1111 does", "--weighted_captions")
 
     @field_validator("extension")
     @classmethod
@@ -125,26 +241,54 @@ class Captions(Strict):
 
 
 class Augment(Strict):
-    flip: bool = False
+    flip: bool = option(False, "random horizontal flip (both states are cached)", "--flip_aug")
+    color: bool = option(False, "random hue shift (reads images each step: no latent cache)", "--color_aug")
+    random_crop: bool = option(False, "random crop instead of center crop (no latent cache)", "--random_crop")
 
 
 class Save(Strict):
-    every_n_epochs: int | None = Field(1, ge=1)
-    precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+    every_n_epochs: int | None = option(1, "write epochs/{run}-eNNNN.safetensors every N epochs",
+                                        "--save_every_n_epochs", ge=1)
+    every_n_steps: int | None = option(None, "write steps/{run}-sNNNNNN.safetensors every N steps",
+                                       "--save_every_n_steps", ge=1)
+    keep_last: int | None = option(None, "keep only the last N epoch/step files", "--save_last_n_epochs", ge=1)
+    precision: PRECISIONS = option("fp16", "dtype of saved weights", "--save_precision")
+    state: bool = option(False, "save optimizer/scheduler/RNG state at each save; a rerun resumes from "
+                         "the latest one", "--save_state / --resume")
+
+
+class Pivotal(Strict):
+    token: str = option(..., "placeholder in captions and prompts, replaced by the new tokens", "--token_abstraction")
+    num_new_tokens: int = option(2, "new embedding vectors <s0><s1>…", "--num_new_tokens_per_abstraction", ge=1)
+    frac: float = option(0.5, "fraction of total steps during which the embeddings train",
+                         "--train_text_encoder_ti_frac", gt=0.0, le=1.0)
+    init: str | None = option(None, "a word whose embedding starts the new vectors (null: random, as CLIP's "
+                              "std)", "--initializer_token")
+    lr: float | None = option(None, "learning rate of the embeddings (default: text_encoder_lr or lr)",
+                              "--text_encoder_lr (TI)", gt=0)
+
+    @field_validator("token")
+    @classmethod
+    def _word(cls, token: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_]+", token):
+            raise ValueError(f"token must be one word of letters, digits or '_', got {token!r}")
+        return token
 
 
 class RunConfig(Strict):
-    base: str = "tiny"
-    datasets: list[str] = Field(min_length=1)
-    resolution: int | tuple[int, int] = 512
-    buckets: Buckets = Buckets()
-    network: Network = Network()
-    optimizer: Optimizer = Optimizer()
-    scheduler: Scheduler = Scheduler()
-    training: Training = Training()
-    captions: Captions = Captions()
-    augment: Augment = Augment()
-    save: Save = Save()
+    base: str = option("tiny", "key of config.yaml bases")
+    datasets: list[str] = option(..., "keys of config.yaml datasets", "--train_data_dir", min_length=1)
+    resolution: int | tuple[int, int] = option(512, "training size, or [width, height]", "--resolution")
+    buckets: Buckets = option(Buckets, "aspect-ratio buckets", "--enable_bucket …")
+    network: Network = option(Network, "the trained network")
+    optimizer: Optimizer = option(Optimizer, "the optimizer")
+    scheduler: Scheduler = option(Scheduler, "the learning-rate schedule")
+    training: Training = option(Training, "steps, batches, precision, text encoding")
+    loss: Loss = option(Loss, "loss weighting and noise")
+    captions: Captions = option(Captions, "caption processing")
+    augment: Augment = option(Augment, "augmentation")
+    save: Save = option(Save, "what is saved, when")
+    pivotal: Pivotal | None = option(None, "pivotal tuning: textual-inversion tokens trained with the LoRA")
 
     @field_validator("resolution")
     @classmethod
@@ -153,6 +297,36 @@ class RunConfig(Strict):
             if side < 64 or side % 8:
                 raise ValueError(f"resolution sides must be multiples of 8 and >= 64, got {resolution}")
         return resolution
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        pixels = [name for name in ("color", "random_crop") if getattr(self.augment, name)]
+        if pixels and self.training.cache_latents:
+            raise ValueError(f"augment.{pixels[0]} changes the pixels every step, so latents cannot be cached: "
+                             "set training.cache_latents to false (or null), or turn the augmentation off")
+        from lorabake import optim
+
+        optim.check_schedule(self.scheduler.type, self.scheduler.warmup, self.optimizer.type, self.optimizer.args)
+        if self.optimizer.type in ("prodigy", "dadapt_adam", "dadapt_lion"):
+            opt, weights = self.optimizer, self.network.block_lr_weights or [1.0]
+            lrs = {opt.unet_lr or opt.lr, opt.text_encoder_lr or opt.lr} | {(opt.unet_lr or opt.lr) * w for w in weights if w}
+            if len(lrs) > 1:
+                raise ValueError(f"optimizer.type {opt.type} estimates one step size for all parameters: "
+                                 "unet_lr, text_encoder_lr and block_lr_weights must give one learning rate "
+                                 f"(they give {sorted(lrs)})")
+        decomposed = self.network.args.get("dora_wd") or self.network.args.get("weight_decompose")
+        if self.loss.scale_weight_norms is not None and (self.network.algo in ("diag-oft", "boft") or decomposed):
+            raise ValueError("loss.scale_weight_norms bounds an additive weight update; "
+                             f"{'DoRA' if decomposed else self.network.algo} does not add one: turn one of them off")
+        if self.training.stop_text_encoder_at is not None and not self.network.train_text_encoder:
+            raise ValueError("training.stop_text_encoder_at is set but network.train_text_encoder is false")
+        return self
+
+    @property
+    def caches_latents(self) -> bool:
+        if self.training.cache_latents is not None:
+            return self.training.cache_latents
+        return not (self.augment.color or self.augment.random_crop)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -301,15 +475,52 @@ def load_project(config_file: str | Path, runs_dir: str | Path | None = None) ->
         if not NAME_PATTERN.match(name):
             raise ConfigError(f"{run_file}: run names may use letters, digits, '_', '-', '.' only")
         run_raw = read_yaml(run_file)
-        merged = deep_merge(project_file.defaults, run_raw)
-        sources = [(run_file, run_raw, ""), (config_file, project_file.defaults, "defaults.")]
-        runs[name], run_notes = _validated(RunConfig, merged, sources)
-        run_files[name] = run_file
-        notes += run_notes
+        for point_name, point in expand_sweep(name, run_raw, run_file):
+            if point_name in runs:
+                raise ConfigError(f"{run_file}: sweep: run name '{point_name}' is also the name of another run")
+            merged = deep_merge(deep_merge(project_file.defaults, run_raw), point)
+            sources = [(run_file, point, "sweep point "), (run_file, run_raw, ""),
+                       (config_file, project_file.defaults, "defaults.")]
+            runs[point_name], run_notes = _validated(RunConfig, merged, sources)
+            run_files[point_name] = run_file
+            notes += run_notes
     project = Project(root=root, config_file=config_file, file=project_file, runs=runs,
                       run_files=run_files, warnings=tuple(notes))
     check_references(project)
     return project
+
+
+def _nested(dotted: str, value: Any) -> dict[str, Any]:
+    head, _, rest = dotted.partition(".")
+    return {head: _nested(rest, value) if rest else value}
+
+
+def _name_part(value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+
+
+def expand_sweep(name: str, run_raw: dict[str, Any], run_file: Path) -> list[tuple[str, dict[str, Any]]]:
+    """`sweep: {network.dim: [4, 8], optimizer.type: [adamw, prodigy]}` → the cartesian product, one run
+    per point, named `{file stem}-{last key part}_{value}-…` (e.g. `style-dim_4-type_prodigy`).
+    Without a sweep the file is one run named after the file. `sweep` is removed from run_raw."""
+    sweep = run_raw.pop("sweep", None)
+    if sweep is None:
+        return [(name, {})]
+    if not isinstance(sweep, dict) or not sweep:
+        raise ConfigError(f"{run_file}: sweep: must be a mapping of dotted keys to lists of values, "
+                          "e.g. {{network.dim: [4, 8]}}")
+    for key, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{run_file}: sweep.{key}: must be a non-empty list of values")
+    points = []
+    for combo in itertools.product(*sweep.values()):
+        point: dict[str, Any] = {}
+        for key, value in zip(sweep, combo):
+            point = deep_merge(point, _nested(key, value))
+        suffix = "-".join(f"{key.rsplit('.', 1)[-1]}_{_name_part(v)}" for key, v in zip(sweep, combo))
+        points.append((f"{name}-{suffix}", point))
+    return points
 
 
 def check_references(project: Project) -> None:
@@ -323,6 +534,10 @@ def check_references(project: Project) -> None:
         where = project.run_files[name]
         if run.base not in f.bases:
             problems.append(f"{where}: base: '{run.base}' is not a key of bases in {project.config_file.name} ({sorted(f.bases)})")
+        init = run.network.init_weights
+        if init is not None and not (project.root / init).is_file():
+            problems.append(f"{where}: network.init_weights: file {project.root / init} does not exist "
+                            "(paths are relative to the project root)")
         for ds in run.datasets:
             if ds not in f.datasets:
                 problems.append(f"{where}: datasets: '{ds}' is not a key of datasets in {project.config_file.name} ({sorted(f.datasets)})")

@@ -274,11 +274,16 @@ def epoch_items(dataset: Dataset) -> list[ImageItem]:
 
 
 def steps_per_epoch(placements: dict[str, tuple[int, int]], items: list[ImageItem],
-                    batch_size: int) -> int:
-    """Optimizer steps in one epoch when every batch is drawn from a single bucket, as in kohya.
+                    batch_size: int, grad_accum: int = 1) -> int:
+    """Optimizer steps in one epoch; `placements` maps item.rel to its bucket."""
+    return bucket_steps(Counter(tuple(placements[item.rel]) for item in items), batch_size, grad_accum)
 
-    `placements` maps item.rel to its bucket; each bucket contributes ceil(entries / batch_size)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    per_bucket = Counter(tuple(placements[item.rel]) for item in items)
-    return sum(math.ceil(count / batch_size) for count in per_bucket.values())
+
+def bucket_steps(entries_per_bucket: Counter, batch_size: int, grad_accum: int = 1) -> int:
+    """kohya's step count: every batch comes from one bucket, so each bucket gives ceil(entries /
+    batch_size) batches, and every `grad_accum` batches make one optimizer step (a last partial group
+    still steps, as accelerate does at the end of a dataloader)."""
+    if batch_size < 1 or grad_accum < 1:
+        raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size}, {grad_accum}")
+    batches = sum(math.ceil(count / batch_size) for count in entries_per_bucket.values())
+    return math.ceil(batches / grad_accum)

@@ -1,52 +1,209 @@
-"""LoRA networks from lycoris-lora, named the way kohya names them.
+"""LoRA / LyCORIS networks from lycoris-lora, named and targeted the way kohya does.
 
 lycoris' kohya wrapper prefixes module paths with `lora_unet_` / `lora_te_` and replaces dots by
-underscores, which is exactly kohya's key scheme. Our preset (presets/kohya-lora.toml) targets what kohya's
-own LoRA targets: the Linear and 1×1 conv layers inside the UNet's transformer blocks, and the CLIP text
-encoder's attention and MLP layers.
+underscores, which is exactly kohya's key scheme. Our presets target what kohya's networks.lora targets:
+presets/kohya-lora.toml the Linear and 1×1 conv layers inside the UNet's transformer blocks and the CLIP
+text encoder's attention and MLP layers; presets/kohya-locon.toml (used whenever conv_dim is set) adds
+the layers of the ResNet blocks and down/upsamplers, 3×3 convolutions included. Every algo (lora, loha,
+lokr, ia3, …) trains on those same layers.
+
+Block-wise options (block_dims, block_alphas, block_lr_weights; see blocks.py) turn the class-based
+preset into a per-layer one: each layer is listed by name with its block's dim and alpha
+(lycoris' `name_algo_map`), and layers of blocks whose lr weight is at or below the threshold are left
+out, as kohya's `remove_block_dims_and_alphas` does.
 """
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from lorabake.config import Network
+from lorabake.blocks import block_of, block_values
+from lorabake.config import ALGOS, BLOCKS, Network
 
 PRESET_DIR = Path(__file__).parent / "presets"
-PRESET = {"lora": str(PRESET_DIR / "kohya-lora.toml")}
+LINEAR_PRESET = PRESET_DIR / "kohya-lora.toml"
+CONV_PRESET = PRESET_DIR / "kohya-locon.toml"
+# lycoris' create_network re-applies the preset it is given; this empty one leaves ours in place.
+AS_APPLIED = PRESET_DIR / "as-applied.toml"
+# The preset each algo trains with when conv_dim is not set (`preset_path` picks the LoCon one when it is).
+PRESET = {algo: str(LINEAR_PRESET) for algo in ALGOS}
 UNET_PREFIX = "lora_unet"
 TEXT_ENCODER_PREFIX = "lora_te"
 
+# Preset keys lycoris keeps on its network class and only overwrites when a preset names them; reset
+# them before every build so nothing leaks from a previous network.
+CLEAN_SLATE = {"module_algo_map": {}, "name_algo_map": {}, "use_fnmatch": False, "exclude_name": []}
+TARGETS_NOTHING = {"enable_conv": False, "unet_target_module": [], "unet_target_name": [],
+                   "text_encoder_target_module": [], "text_encoder_target_name": []}
+
+# The tensors a saved file may hold per module, by algo (lycoris' module classes; optional ones come from
+# use_tucker: lora_mid/hada_t*/lokr_t*, dora_wd: dora_scale, rescaled: rescale, train_norm: w_norm/b_norm).
+NORM_SUFFIXES = {"w_norm", "b_norm"}
+_LORA = {"lora_down.weight", "lora_up.weight", "alpha"}
+KEY_SUFFIXES: dict[str, set[str]] = {
+    "lora": _LORA | {"lora_mid.weight", "dora_scale"} | NORM_SUFFIXES,
+    "locon": _LORA | {"lora_mid.weight", "dora_scale"} | NORM_SUFFIXES,
+    "dylora": _LORA | NORM_SUFFIXES,
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"}
+    | NORM_SUFFIXES,
+    "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
+             "alpha", "dora_scale"} | NORM_SUFFIXES,
+    "ia3": {"weight", "on_input"} | NORM_SUFFIXES,
+    "full": {"diff", "diff_b"} | NORM_SUFFIXES,
+    "glora": {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "alpha"} | NORM_SUFFIXES,
+    "diag-oft": {"oft_blocks", "rescale", "alpha"} | NORM_SUFFIXES,
+    "boft": {"oft_blocks", "rescale", "alpha"} | NORM_SUFFIXES,
+}
+# config names lycoris.kohya.create_network reads under another name
+ARG_NAMES = {"weight_decompose": "dora_wd"}
+
+
+class _DropIa3PresetAdvice(logging.Filter):
+    """lycoris advises its own ia3 preset for IA³; we train IA³ on kohya's layers on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "preset ia3" not in record.getMessage()
+
 
 def _quiet_lycoris() -> None:
-    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+    logger = logging.getLogger("LyCORIS")
+    logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _DropIa3PresetAdvice) for f in logger.filters):
+        logger.addFilter(_DropIa3PresetAdvice())
+
+
+def _apply_preset(preset: dict) -> None:
+    from lycoris.kohya import LycorisNetworkKohya
+
+    _quiet_lycoris()
+    LycorisNetworkKohya.apply_preset({**CLEAN_SLATE, **preset})
+
+
+def read_preset(name: str) -> dict:
+    """A lycoris builtin preset by name, or a preset file by path, as the dict lycoris applies."""
+    from lycoris.config import PRESET as BUILTIN
+    from lycoris.utils.preset import read_preset as read_preset_file
+
+    preset = BUILTIN[name] if name in BUILTIN else read_preset_file(name)
+    if preset is None:
+        raise ValueError(f"{name}: not a lycoris preset name nor a readable preset file")
+    return preset
 
 
 def use_preset(name: str) -> None:
     """lycoris keeps its target preset on the class; set it before building any network."""
-    from lycoris.config import PRESET as BUILTIN
-    from lycoris.kohya import LycorisNetworkKohya
-    from lycoris.utils.preset import read_preset
-
-    _quiet_lycoris()
-    LycorisNetworkKohya.apply_preset(BUILTIN[name] if name in BUILTIN else read_preset(name))
+    _apply_preset(read_preset(name))
 
 
-def create_network(unet, text_encoder, cfg: Network, seed: int):
-    """A fresh network wrapped around the models (forward hooks); up-weights start at zero."""
+def preset_path(cfg: Network) -> Path:
+    """kohya's LoCon targets when 3×3 convolutions are trained (conv_dim set), its LoRA targets otherwise."""
+    return CONV_PRESET if cfg.conv_dim is not None else LINEAR_PRESET
+
+
+# ---------------------------------------------------------------- block-wise targets
+
+def has_block_options(cfg: Network) -> bool:
+    return any(v is not None for v in (cfg.block_dims, cfg.block_alphas, cfg.block_lr_weights))
+
+
+def block_settings(cfg: Network) -> dict[str, tuple[int, float] | None]:
+    """(dim, alpha) per block, or None for a block that gets no module (dim 0, or lr weight at or below
+    block_lr_zero_threshold: kohya's get_block_lr_weight + remove_block_dims_and_alphas)."""
+    dims = block_values(cfg.block_dims, cfg.dim)
+    alphas = block_values(cfg.block_alphas, cfg.alpha)
+    lr_weights = block_values(cfg.block_lr_weights, 1.0)
+    learns = {b: cfg.block_lr_weights is None or lr_weights[b] > cfg.block_lr_zero_threshold for b in BLOCKS}
+    return {b: (int(dims[b]), alphas[b]) if dims[b] > 0 and learns[b] else None for b in BLOCKS}
+
+
+def _layer_config(path: str, layer: torch.nn.Module, settings: dict, cfg: Network, conv: bool) -> dict | None:
+    """The dim/alpha lycoris should give one layer, or None when kohya would not train it."""
+    block = block_of(path)
+    if block is not None and settings[block] is None:
+        return None
+    dim, alpha = settings[block] if block is not None else (cfg.dim, cfg.alpha)
+    if cfg.args.get("train_norm") and "Norm" in type(layer).__name__:
+        return {}
+    if isinstance(layer, torch.nn.Linear):
+        return {"dim": dim, "alpha": alpha}
+    if isinstance(layer, torch.nn.Conv2d):
+        if layer.kernel_size == (1, 1):
+            return {"dim": dim, "alpha": alpha}
+        # kohya keeps conv_dim/conv_alpha for 3×3 convs in every block (conv_block_dims default)
+        return {"dim": cfg.conv_dim, "alpha": _conv_alpha(cfg)} if conv else None
+    return None
+
+
+def per_block_preset(preset: dict, unet, cfg: Network) -> dict:
+    """The class-based preset rewritten as one entry per UNet layer, with that layer's block settings."""
+    settings = block_settings(cfg)
+    targets = {}
+    for path, container in unet.named_modules():
+        if type(container).__name__ not in preset.get("unet_target_module", []):
+            continue
+        for child, layer in container.named_modules():
+            layer_path = f"{path}.{child}" if child else path
+            config = _layer_config(layer_path, layer, settings, cfg, bool(preset.get("enable_conv")))
+            if config is not None:
+                targets[layer_path] = config
+    # fnmatch on paths without wildcards is an exact match; regexes would read the dots as "any".
+    return {**preset, "unet_target_module": [], "unet_target_name": list(targets), "name_algo_map": targets,
+            "use_fnmatch": True}
+
+
+# ---------------------------------------------------------------- building a network
+
+def _conv_alpha(cfg: Network) -> float | None:
+    return cfg.conv_alpha if cfg.conv_alpha is not None else cfg.conv_dim  # config: "default: conv_dim"
+
+
+def lycoris_arguments(cfg: Network) -> dict:
+    """The keyword arguments of lycoris.kohya.create_network for this config."""
+    extra = {ARG_NAMES.get(key, key): value for key, value in cfg.args.items() if key != "rank_dropout_scale"}
+    conv = {"conv_dim": cfg.conv_dim, "conv_alpha": _conv_alpha(cfg)} if cfg.conv_dim is not None else {}
+    return dict(algo=cfg.algo, dropout=cfg.dropout, rank_dropout=cfg.rank_dropout,
+                module_dropout=cfg.module_dropout, factor=cfg.factor, **conv, **extra)
+
+
+def create_network(unet, text_encoder, cfg: Network, seed: int, root: Path | None = None):
+    """A fresh network wrapped around the models (forward hooks), or the init_weights file's state."""
     from lycoris.kohya import create_network as lycoris_network
 
-    _quiet_lycoris()
+    preset = read_preset(str(preset_path(cfg)))
+    _apply_preset(per_block_preset(preset, unet, cfg) if has_block_options(cfg) else preset)
     torch.manual_seed(seed)
     network = lycoris_network(1.0, cfg.dim, cfg.alpha, None, text_encoder, unet, warn_on_unmatched=False,
-                              algo=cfg.algo, preset=PRESET[cfg.algo])
-    network.apply_to(text_encoder, unet, apply_text_encoder=cfg.train_text_encoder,
-                     apply_unet=cfg.train_unet)
+                              preset=str(AS_APPLIED), **lycoris_arguments(cfg))
+    if cfg.args.get("rank_dropout_scale"):  # a module option that lycoris' create_network does not pass on
+        for lora in network.loras:
+            lora.rank_dropout_scale = True
+    _apply_preset({})  # leave no per-layer map behind for the next lycoris network
+    network.apply_to(text_encoder, unet, apply_text_encoder=cfg.train_text_encoder, apply_unet=cfg.train_unet)
+    if cfg.init_weights:
+        load_initial_weights(network, Path(root or ".") / cfg.init_weights, text_encoder)
     return network
 
+
+def param_groups(network, cfg: Network, unet_lr: float, text_encoder_lr: float) -> list[dict]:
+    """Optimizer groups: the UNet (split per block, lr × block_lr_weights, when those are set) and the
+    text encoder, each with its own learning rate; only trainable parameters, no empty groups."""
+    lr_weights = block_values(cfg.block_lr_weights, 1.0)
+    unet_groups = defaultdict(list)
+    for lora in network.unet_loras:
+        block = block_of(lora.lora_name) if cfg.block_lr_weights is not None else None
+        unet_groups[block] += [p for p in lora.parameters() if p.requires_grad]
+    groups = [{"params": unet_groups[None], "lr": unet_lr, "name": "unet"}]
+    groups += [{"params": unet_groups[b], "lr": unet_lr * lr_weights[b], "name": f"unet:{b}"} for b in BLOCKS]
+    text_params = [p for lora in network.text_encoder_loras for p in lora.parameters() if p.requires_grad]
+    groups.append({"params": text_params, "lr": text_encoder_lr, "name": "text_encoder"})
+    return [group for group in groups if group["params"]]
+
+
+# ---------------------------------------------------------------- key names
 
 # transformers 5 dropped CLIPTextModel's `text_model.` level, so lycoris names its modules
 # `lora_te_encoder_…`; kohya, A1111 and ComfyUI expect `lora_te_text_model_encoder_…`.
@@ -64,31 +221,103 @@ def _swap_te_prefix(state: dict, text_encoder, old: str, new: str) -> dict:
     return {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
 
 
+def _conv_ups_as_1x1(state: dict) -> dict:
+    """kohya stores a conv module's lora_up as a 1×1 conv; lycoris' DyLoRA saves it flat."""
+    fixed = dict(state)
+    for key, up in state.items():
+        down = state.get(key.replace(".lora_up.weight", ".lora_down.weight"))
+        if key.endswith(".lora_up.weight") and down is not None and up.dim() == 2 < down.dim():
+            fixed[key] = up.reshape(*up.shape, *[1] * (down.dim() - 2))
+    return fixed
+
+
 def to_kohya_keys(state: dict, text_encoder) -> dict:
-    """Module-path keys of this model → the key names every other tool expects."""
-    return _swap_te_prefix(state, text_encoder, FLAT_TE_PREFIX, KOHYA_TE_PREFIX)
+    """Module-path keys of this model → the key names (and shapes) every other tool expects."""
+    return _conv_ups_as_1x1(_swap_te_prefix(state, text_encoder, FLAT_TE_PREFIX, KOHYA_TE_PREFIX))
 
 
 def from_kohya_keys(state: dict, text_encoder) -> dict:
     return _swap_te_prefix(state, text_encoder, KOHYA_TE_PREFIX, FLAT_TE_PREFIX)
 
 
+def _dylora_alpha(lora) -> torch.Tensor:
+    """lycoris' DyLoRA scales by alpha / (rank blocks in use), not alpha / rank as the LoRA it saves is
+    read; this alpha makes the file apply the full-rank update the network trained."""
+    return lora.alpha * lora.block_size
+
+
+def kohya_state(network, text_encoder) -> dict[str, torch.Tensor]:
+    """What a LoRA file of this network holds: its state under kohya's key names."""
+    from lycoris.modules.dylora import DyLoraModule
+
+    state = network.state_dict()
+    for lora in network.unet_loras + network.text_encoder_loras:
+        if isinstance(lora, DyLoraModule):
+            state[f"{lora.lora_name}.alpha"] = _dylora_alpha(lora)
+    return to_kohya_keys(state, text_encoder)
+
+
+# ---------------------------------------------------------------- reading LoRA files
+
 class UnmatchedKeys(ValueError):
-    """A LoRA file names modules this model does not have ("lora key not loaded")."""
+    """A LoRA file names modules this model does not have ("lora key not loaded"), or does not fit."""
+
+
+def _modules_by_lora_name(unet, text_encoder) -> dict[str, tuple[torch.nn.Module, bool]]:
+    """kohya module name → (module, is it in the UNet) for every module of the models."""
+    named = {}
+    for prefix, model, on_unet in ((UNET_PREFIX, unet, True), (TEXT_ENCODER_PREFIX, text_encoder, False)):
+        if model is not None:
+            named |= {f"{prefix}_{path}".replace(".", "_"): (module, on_unet)
+                      for path, module in model.named_modules() if path}
+    return named
+
+
+def _empty_network(unet, text_encoder):
+    from lycoris.kohya import LycorisNetworkKohya
+
+    _apply_preset(TARGETS_NOTHING)
+    network = LycorisNetworkKohya(text_encoder, unet, warn_on_unmatched=False)
+    _apply_preset({})
+    return network
+
+
+def _module_from_weights(weights: dict, lora_name: str, org_module: torch.nn.Module, path: Path):
+    """The lycoris module whose keys these are (lycoris detects the algo from the key names)."""
+    from lycoris.modules import get_module, make_module
+    from lycoris.modules.ia3 import IA3Module
+
+    kind, params = get_module(weights, lora_name)
+    if kind is None:
+        keys = sorted(k for k in weights if k.startswith(f"{lora_name}."))
+        raise UnmatchedKeys(f"{path}: {lora_name}: keys {keys} belong to no LyCORIS algo")
+    try:
+        if kind is IA3Module:  # lycoris 4.1.3 hands IA3 its saved on_input too, which its loader does not take
+            weight, on_input = params
+            module = IA3Module(lora_name, org_module, 1.0, train_on_input=bool(on_input is not None and on_input))
+            module.weight.data.copy_(weight)
+            return module
+        return make_module(kind, params, lora_name, org_module)
+    except RuntimeError as e:  # the layer's shape differs from the saved one
+        raise UnmatchedKeys(f"{path}: {lora_name} does not fit the model's layer: {e}") from None
 
 
 def load_weights(path: Path, unet, text_encoder, multiplier: float = 1.0):
-    """Build a network from a LoRA file, checking that every key finds its module."""
-    from lycoris.kohya import create_network_from_weights
-
-    use_preset(PRESET["lora"])  # any preset works for loading; the default one fails on SD1 UNets
+    """Build a network from a LoRA file of any algo, checking that every key finds its module."""
     weights = from_kohya_keys(load_file(str(path)), text_encoder)
-    network, _ = create_network_from_weights(multiplier, str(path), None, text_encoder, unet, weights_sd=weights)
-    loaded = {lora.lora_name for lora in network.unet_loras + network.text_encoder_loras}
-    unmatched = sorted({key.split(".")[0] for key in weights} - loaded)
+    targets = _modules_by_lora_name(unet, text_encoder)
+    names = sorted({key.split(".")[0] for key in weights if "." in key})
+    unmatched = [name for name in names if name not in targets]
     if unmatched:
         raise UnmatchedKeys(f"{path}: {len(unmatched)} LoRA module(s) match nothing in the model, e.g. {unmatched[:3]}")
-    network.load_state_dict(weights, strict=False)
+    network = _empty_network(unet, text_encoder)
+    for name in names:
+        org_module, on_unet = targets[name]
+        lora = _module_from_weights(weights, name, org_module, path)
+        lora.multiplier = multiplier
+        (network.unet_loras if on_unet else network.text_encoder_loras).append(lora)
+        network.add_module(name, lora)
+    network.loras = network.text_encoder_loras + network.unet_loras
     return network
 
 
@@ -110,12 +339,59 @@ def merge_weights(path: Path, unet, text_encoder, multiplier: float = 1.0) -> in
     return len(loras)
 
 
+@torch.no_grad()
 def module_deltas(path: Path, unet, text_encoder, multiplier: float = 1.0) -> dict[str, torch.Tensor]:
-    """The weight delta each LoRA module adds, by kohya module name (for checks and extraction tests)."""
+    """The weight delta each module adds, by kohya module name (for checks and extraction tests)."""
     network = load_weights(path, unet, text_encoder, multiplier)
     deltas = {}
     for lora in network.unet_loras + network.text_encoder_loras:
-        weight = lora.org_module[0].weight
-        delta, _ = lora.get_diff_weight(multiplier=multiplier, shape=weight.shape, device=weight.device)
+        delta, _ = lora.get_diff_weight(multiplier=multiplier, shape=lora.shape, device="cpu")
         deltas[lora.lora_name] = delta.detach().float()
-    return deltas
+    return to_kohya_keys(deltas, text_encoder)
+
+
+# ---------------------------------------------------------------- continuing from a file (init_weights)
+
+def _layout_problems(saved: dict, expected: dict) -> list[str]:
+    missing = sorted(expected.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - expected.keys())
+    reshaped = [f"{k}: file {tuple(saved[k].shape)}, network {tuple(expected[k].shape)}"
+                for k in sorted(saved.keys() & expected.keys()) if saved[k].shape != expected[k].shape]
+    problems = [f"{len(missing)} key(s) missing, e.g. {missing[:3]}" if missing else "",
+                f"{len(unexpected)} key(s) this network does not have, e.g. {unexpected[:3]}" if unexpected else "",
+                f"{len(reshaped)} shape(s) differ, e.g. {reshaped[:2]}" if reshaped else ""]
+    return [p for p in problems if p]
+
+
+@torch.no_grad()
+def _load_dylora(lora, state: dict) -> None:
+    """lycoris' DyLoRA does not load what it saves; split the saved LoRA back into its rank blocks."""
+    up = state["lora_up.weight"].reshape(lora.shape[0], lora.lora_dim)
+    down = state["lora_down.weight"].reshape(lora.lora_dim, -1)
+    for param, part in zip(lora.up_list, up.split(lora.block_size, dim=1)):
+        param.copy_(part)
+    for param, part in zip(lora.down_list, down.split(lora.block_size, dim=0)):
+        param.copy_(part)
+    lora.alpha.copy_(state["alpha"] / lora.block_size)  # undo _dylora_alpha
+
+
+def load_initial_weights(network, path: Path, text_encoder) -> None:
+    """Continue from a LoRA file (kohya's --network_weights): it must hold exactly this network's keys
+    and shapes — same algo, dims and targets — or it is refused, naming the file."""
+    from lycoris.modules.dylora import DyLoraModule
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: network.init_weights file not found")
+    saved = load_file(str(path))
+    problems = _layout_problems(saved, kohya_state(network, text_encoder))
+    if problems:
+        raise UnmatchedKeys(f"{path}: does not fit this network (algo, dims or targets differ): " + "; ".join(problems))
+    by_module = defaultdict(dict)
+    for key, value in from_kohya_keys(saved, text_encoder).items():
+        name, _, tensor = key.partition(".")
+        by_module[name][tensor] = value
+    for lora in network.unet_loras + network.text_encoder_loras:
+        if isinstance(lora, DyLoraModule):
+            _load_dylora(lora, by_module[lora.lora_name])
+        else:
+            lora.load_state_dict(by_module[lora.lora_name], strict=True)

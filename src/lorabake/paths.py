@@ -52,6 +52,20 @@ def epoch_lora(run: str, epoch: int) -> str:
     return f"{run_dir(run)}/epochs/{run}-e{epoch:04d}.safetensors"
 
 
+def step_lora(run: str, step: int) -> str:
+    return f"{run_dir(run)}/steps/{run}-s{step:06d}.safetensors"
+
+
+def state_root(run: str) -> str:
+    """Saved training states (save.state); not a Snakemake output, so a failed job leaves them for resuming."""
+    return f"{run_dir(run)}/state"
+
+
+def embeddings(run: str, token: str) -> str:
+    """Pivotal-tuning embeddings, named as webui expects: the file name is the word used in prompts."""
+    return f"{run_dir(run)}/embeddings/{token}.safetensors"
+
+
 def train_log(run: str) -> str:
     return f"{run_dir(run)}/train.jsonl"
 

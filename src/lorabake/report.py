@@ -67,11 +67,12 @@ def _tallest_first(label: str) -> tuple[float, int, int]:
 
 
 def _run(placements: dict[str, tuple[int, int]], entries: list[ImageItem], run: dict) -> dict:
-    per_epoch = steps_per_epoch(placements, entries, run["batch_size"])
+    grad_accum = run.get("grad_accum", 1)
+    per_epoch = steps_per_epoch(placements, entries, run["batch_size"], grad_accum)
     total = per_epoch * run["epochs"]
     if run.get("max_steps") is not None:
         total = min(total, run["max_steps"])
-    return {"batch_size": run["batch_size"], "epochs": run["epochs"],
+    return {"batch_size": run["batch_size"], "grad_accum": grad_accum, "epochs": run["epochs"],
             "max_steps": run.get("max_steps"), "steps_per_epoch": per_epoch, "total_steps": total}
 
 
@@ -132,8 +133,8 @@ def render_markdown(report: dict) -> str:
         "",
         "## Runs",
         "",
-        *_table(["run", "batch size", "epochs", "max steps", "steps per epoch", "total steps"],
-                [[name, r["batch_size"], r["epochs"], r["max_steps"] or "-", r["steps_per_epoch"],
+        *_table(["run", "batch size", "grad accum", "epochs", "max steps", "steps per epoch", "total steps"],
+                [[name, r["batch_size"], r["grad_accum"], r["epochs"], r["max_steps"] or "-", r["steps_per_epoch"],
                   r["total_steps"]] for name, r in report["runs"].items()]),
         "",
         f"## Buckets (resolution {spec['resolution'][0]}x{spec['resolution'][1]})",

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from lorabake import grid, network
-from lorabake.config import Samples
+from lorabake import grid, network, pivotal
+from lorabake.config import Pivotal, Samples
 
 OPTION = re.compile(r"^(?P<key>[a-z])\s+(?P<value>.*)$", re.S)
 SAMPLERS = {"euler_a": "EulerAncestralDiscreteScheduler", "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler"}
@@ -61,30 +61,38 @@ def load_pipeline(base_dir: Path, sampler: str):
     return pipe
 
 
-def render(pipe, prompt: Prompt) -> Image.Image:
+def render(pipe, prompt: Prompt, clip_skip: int = 1) -> Image.Image:
     generator = torch.Generator().manual_seed(prompt.seed)
+    # diffusers counts skipped layers (0 = last layer); kohya counts from the end (1 = last layer)
     return pipe(prompt.text, negative_prompt=prompt.negative or None, width=prompt.width, height=prompt.height,
-                num_inference_steps=prompt.steps, guidance_scale=prompt.cfg, generator=generator).images[0]
+                num_inference_steps=prompt.steps, guidance_scale=prompt.cfg, generator=generator,
+                clip_skip=clip_skip - 1 or None).images[0]
 
 
-def render_with_lora(pipe, lora: Path, strength: float, prompt: Prompt) -> Image.Image:
+def render_with_lora(pipe, lora: Path, strength: float, prompt: Prompt, clip_skip: int = 1) -> Image.Image:
     """Apply the LoRA at `strength` for one image, then take it off again."""
     if strength == 0.0:
-        return render(pipe, prompt)
+        return render(pipe, prompt, clip_skip)
     net = network.apply_weights(lora, pipe.unet, pipe.text_encoder, strength)
     try:
-        return render(pipe, prompt)
+        return render(pipe, prompt, clip_skip)
     finally:
         for module in net.unet_loras + net.text_encoder_loras:
             module.restore()
 
 
 def sample_grid(base_dir: Path, checkpoints: list[tuple[str, Path]], samples: Samples,
-                size: tuple[int, int], out_grid: Path, out_dir: Path, title: str) -> None:
-    """Render prompts × checkpoints × strengths, save each cell and the labelled grid."""
+                size: tuple[int, int], out_grid: Path, out_dir: Path, title: str, clip_skip: int = 1,
+                embeddings: tuple[Pivotal, Path] | None = None) -> None:
+    """Render prompts × checkpoints × strengths, save each cell and the labelled grid. With pivotal
+    embeddings, the placeholder word in prompts means the trained tokens."""
     defaults = Prompt("", "", size[0], size[1], samples.seed, samples.cfg, samples.steps)
     prompts = [parse_prompt(line, defaults) for line in samples.prompts]
     pipe = load_pipeline(base_dir, samples.sampler)
+    if embeddings is not None:
+        cfg, path = embeddings
+        pivotal.load_embeddings(path, pipe.tokenizer, pipe.text_encoder, cfg)
+        prompts = [replace(p, text=pivotal.substitute(p.text, cfg)) for p in prompts]
     out_dir.mkdir(parents=True, exist_ok=True)
     blocks = []
     cells = len(prompts) * len(checkpoints) * len(samples.strengths)
@@ -96,10 +104,10 @@ def sample_grid(base_dir: Path, checkpoints: list[tuple[str, Path]], samples: Sa
                 row = []
                 for strength in samples.strengths:
                     if strength == 0.0:  # the base model: the same picture in every row
-                        baseline = baseline or render(pipe, prompt)
+                        baseline = baseline or render(pipe, prompt, clip_skip)
                         image = baseline
                     else:
-                        image = render_with_lora(pipe, lora, strength, prompt)
+                        image = render_with_lora(pipe, lora, strength, prompt, clip_skip)
                     grid.save_png(image, out_dir / f"p{p}-{label.replace(' ', '')}-s{strength:g}.png")
                     row.append(image)
                     progress.update()

@@ -14,9 +14,9 @@ from lorabake import paths, store
 from lorabake.buckets import BucketSpec
 from lorabake.config import Project, RunConfig, load_project
 from lorabake.dataset import Dataset, caption_digest, image_files, scan_dataset
-from lorabake.train.plan import TrainingPlan, plan_training, saved_epochs
+from lorabake.train.plan import TrainingPlan, kept_epochs, plan_training
 
-TRAINER_VERSION = 1  # bump when training semantics change: every run retrains
+TRAINER_VERSION = 2  # bump when training semantics change: every run retrains
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,26 @@ class Workspace:
 
     @cached_property
     def latent_jobs(self) -> dict[tuple[str, str], LatentJob]:
+        """The (dataset, spec) caches the runs need; runs that read pixels (color/crop) need none."""
         jobs = {}
         for run, cfg in self.project.runs.items():
+            if not cfg.caches_latents:
+                continue
             for ds in cfg.datasets:
                 job = self.latent_job(run, ds)
                 jobs[(ds, job.name)] = job
         return jobs
 
     def latent_indexes(self, run: str) -> dict[str, str]:
+        if not self.run(run).caches_latents:
+            return {}
         return {ds: paths.latent_index(ds, self.latent_job(run, ds).name) for ds in self.project.runs[run].datasets}
+
+    def pixel_inputs(self, run: str) -> list[str]:
+        """Images a run reads directly (no latent cache): its inputs instead of latent indexes."""
+        if self.run(run).caches_latents:
+            return []
+        return [image for ds in self.run(run).datasets for image in self.images(ds)]
 
     # ------------------------------------------------------------ training
     def run(self, name: str) -> RunConfig:
@@ -81,7 +92,7 @@ class Workspace:
         return plan_training(self.run(run), self.run_datasets(run))
 
     def epoch_files(self, run: str) -> list[str]:
-        return [paths.epoch_lora(run, e) for e in saved_epochs(self.run(run), self.plan(run))]
+        return [paths.epoch_lora(run, e) for e in kept_epochs(self.run(run), self.plan(run))]
 
     def caption_digests(self, run: str) -> dict[str, str]:
         return {ds: caption_digest(d) for ds, d in self.run_datasets(run).items()}

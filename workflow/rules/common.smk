@@ -63,7 +63,11 @@ def get_latent_base(wildcards):
 
 def get_train_inputs(wildcards):
     run = WS.run(wildcards.run)
-    return {"base": paths.base_json(run.base), "latents": list(WS.latent_indexes(wildcards.run).values())}
+    inputs = {"base": paths.base_json(run.base), "latents": list(WS.latent_indexes(wildcards.run).values()),
+              "images": WS.pixel_inputs(wildcards.run)}
+    if run.network.init_weights:
+        inputs["init_weights"] = run.network.init_weights
+    return inputs
 
 
 def get_train_params(wildcards):

@@ -6,6 +6,7 @@ rule train:
     output:
         lora="results/runs/{run}/{run}.safetensors",
         epochs=directory("results/runs/{run}/epochs"),
+        steps=directory("results/runs/{run}/steps"),
         log="results/runs/{run}/train.jsonl",
         plot=report("results/runs/{run}/loss.png", caption="../report/loss.rst", category="Training"),
         config="results/runs/{run}/config.json",

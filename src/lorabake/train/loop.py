@@ -1,24 +1,30 @@
 """The training loop, read top to bottom.
 
-Latents come from the content-addressed cache, captions from the dataset folders, the LoRA from
-lycoris-lora, the schedule from diffusers, device placement from accelerate. On the CPU the same
-config and seed give the same bytes.
+Latents come from the content-addressed cache (or the VAE, when augmentation changes pixels),
+captions from the dataset folders, the network from lycoris-lora, optimizers and schedules from
+`lorabake.optim`, losses and noise from `losses`, device placement and autocast from accelerate.
+
+Every random choice of a step (batch order of its epoch, flips, caption shuffles, noise, timesteps,
+dropout) derives from (seed, epoch) or (seed, step) alone. So a run resumed from a saved state draws
+exactly what the uninterrupted run drew, and on the CPU ends in the same bytes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from lorabake import lora_format, models, network, paths, plots, store
+from lorabake import lora_format, models, network, optim, paths, pivotal, plots, store
 from lorabake.config import RunConfig
 from lorabake.dataset import Dataset
-from lorabake.latents import load_latents
+from lorabake.train import captions, losses, state
+from lorabake.train.data import CachedLatents, PixelLatents
 from lorabake.train.plan import Entry, TrainingPlan, batches, epoch_entries, plan_training, saved_epochs
 
 
@@ -28,124 +34,311 @@ class RunInputs:
     run: RunConfig
     base_dir: Path
     datasets: dict[str, Dataset]
-    indexes: dict[str, dict]            # dataset name → latent index (latents.read_index)
+    indexes: dict[str, dict]            # dataset name → latent index (latents.read_index); {} without a cache
     facts: dict = field(default_factory=dict)  # extra metadata (digests, tag frequencies)
+    root: Path = Path(".")              # project root: network.init_weights is relative to it
+    digest: str = ""                    # params digest: a saved state resumes only the run that saved it
 
 
-def encode_captions(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
-    """CLIP hidden states for a batch of captions, padded to 77 tokens as SD1 was trained."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+@dataclass
+class Session:
+    """What a run holds between steps."""
+
+    inputs: RunInputs
+    plan: TrainingPlan
+    base: models.Base
+    net: object                          # lycoris LycorisNetworkKohya
+    embeddings: torch.nn.Parameter | None  # pivotal-tuning vectors
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    accelerator: object
+    latents_of: object                   # CachedLatents or PixelLatents
+    prediction: str                      # "epsilon" or "v_prediction"
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def run(self) -> RunConfig:
+        return self.inputs.run
 
 
-class LatentBatcher:
-    """Turns a batch of entries into a latent tensor, choosing a flip state per image when asked."""
+# ---------------------------------------------------------------- set-up
 
-    def __init__(self, indexes: dict[str, dict], flip: bool, rng: random.Random):
-        self.indexes, self.flip, self.rng = indexes, flip, rng
-        self.by_rel = {name: {e["rel"]: e for e in index["entries"]} for name, index in indexes.items()}
+def setup(inputs: RunInputs) -> Session:
+    from accelerate import Accelerator
 
-    def __call__(self, batch: list[Entry]) -> torch.Tensor:
-        tensors = []
-        for entry in batch:
-            index = self.indexes[entry.dataset]
-            cached = self.by_rel[entry.dataset][entry.item.rel]
-            state = "flip" if self.flip and self.rng.random() < 0.5 else "plain"
-            tensors.append(load_latents(index, cached, state))
-        return torch.stack(tensors)
+    run = inputs.run
+    plan = plan_training(run, inputs.datasets)
+    accelerator = Accelerator(mixed_precision=run.training.mixed_precision)
+    parts = ("unet", "text_encoder") if run.caches_latents else ("unet", "text_encoder", "vae")
+    base = models.load_base(inputs.base_dir, parts=parts)
+    configure_models(base, run)
+    # New pivotal tokens first: the network then wraps a text encoder that already knows them.
+    embeddings = pivotal.add_tokens(base.tokenizer, base.text_encoder, run.pivotal, run.training.seed) \
+        if run.pivotal else None
+    net = network.create_network(base.unet, base.text_encoder, run.network, run.training.seed, inputs.root)
+    if run.training.full_precision:
+        net.to(dtype=autocast_dtype(run))
+    groups = param_groups(net, embeddings, run)
+    optimizer = optim.make_optimizer(run.optimizer.type, groups, run.optimizer.lr, run.optimizer.args)
+    scheduler = optim.make_scheduler(run.scheduler.type, optimizer, plan.total_steps, run.scheduler.warmup,
+                                     run.scheduler.cycles, run.scheduler.power)
+    for model in (base.unet, base.text_encoder, net) + ((base.vae,) if base.vae is not None else ()):
+        model.to(accelerator.device)
+    optimizer = accelerator.prepare(optimizer)  # fp16: gradient scaling; otherwise a thin wrapper
+    net.train()
+    latents_of = CachedLatents(inputs.indexes, run.augment.flip) if run.caches_latents else PixelLatents(base.vae, run)
+    return Session(inputs, plan, base, net, embeddings, optimizer, scheduler, accelerator, latents_of,
+                   losses.prediction_type(run.loss, base.noise_scheduler))
 
 
-def optimizer_groups(net, run: RunConfig) -> list[dict]:
-    """One param group per model, each with its own learning rate (kohya's unet_lr / text_encoder_lr)."""
+def configure_models(base: models.Base, run: RunConfig) -> None:
+    """Frozen base weights; attention kernel and gradient checkpointing as configured."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    for model in (base.unet, base.text_encoder, base.vae):
+        if model is not None:
+            model.requires_grad_(False)
+    base.unet.set_attn_processor(AttnProcessor2_0() if run.training.attention == "sdpa" else AttnProcessor())
+    if run.training.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        base.unet.train()  # diffusers only checkpoints modules in training mode
+        if run.network.train_text_encoder or run.pivotal:
+            base.text_encoder.gradient_checkpointing_enable()
+            base.text_encoder.train()
+
+
+def autocast_dtype(run: RunConfig) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.training.mixed_precision, torch.float32)
+
+
+def param_groups(net, embeddings, run: RunConfig) -> list[dict]:
+    """The network's groups (UNet per block when block LR weights are set, text encoder), plus the
+    pivotal embeddings, each with its own learning rate."""
     opt = run.optimizer
-    groups = []
-    for loras, lr in ((net.unet_loras, opt.unet_lr or opt.lr), (net.text_encoder_loras, opt.text_encoder_lr or opt.lr)):
-        params = [p for lora in loras for p in lora.parameters() if p.requires_grad]
-        if params:
-            groups.append({"params": params, "lr": lr})
+    text_lr = opt.text_encoder_lr or opt.lr
+    groups = network.param_groups(net, run.network, opt.unet_lr or opt.lr, text_lr)
+    if embeddings is not None:
+        groups.append({"params": [embeddings], "lr": pivotal.learning_rate(run.pivotal, text_lr), "name": "embeddings"})
     return groups
 
 
-def make_scheduler(optimizer, run: RunConfig, total_steps: int):
-    from diffusers.optimization import get_scheduler
+# ---------------------------------------------------------------- what each step sees
 
-    warmup = round(run.scheduler.warmup * total_steps)
-    name = "constant_with_warmup" if run.scheduler.type == "constant" and warmup else run.scheduler.type
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+def step_rngs(seed: int, step: int) -> tuple[random.Random, torch.Generator]:
+    """The step's own random streams: Python's for data choices, a torch generator for noise and
+    timesteps; torch's global seed is set too, for dropout inside the network."""
+    key = int.from_bytes(hashlib.sha256(f"{seed}:step:{step}".encode()).digest()[:8], "big") >> 1
+    torch.manual_seed(key)
+    return random.Random(key), torch.Generator().manual_seed(key)
 
+
+def step_schedule(run: RunConfig, entries: list[Entry], plan: TrainingPlan) -> Iterator[tuple[int, int, list]]:
+    """(epoch, step, micro-batches) for every optimizer step: each epoch's batches are shuffled from
+    (seed, epoch), and every grad_accum batches make one step."""
+    step, accum = 0, run.training.grad_accum
+    for epoch in range(1, plan.epochs + 1):
+        epoch_batches = batches(list(entries), run.training.batch_size, random.Random(f"{run.training.seed}:epoch:{epoch}"))
+        for start in range(0, len(epoch_batches), accum):
+            step += 1
+            if step > plan.total_steps:
+                return
+            yield epoch, step, epoch_batches[start:start + accum]
+
+
+def until(fraction: float | None, total_steps: int) -> int:
+    """Last step of a phase that lasts `fraction` of training (None: all of it)."""
+    return total_steps if fraction is None else round(fraction * total_steps)
+
+
+def text_encoder_trains(run: RunConfig, step: int, total_steps: int) -> bool:
+    return run.network.train_text_encoder and step <= until(run.training.stop_text_encoder_at, total_steps)
+
+
+def embeddings_train(run: RunConfig, step: int, total_steps: int) -> bool:
+    return run.pivotal is not None and pivotal.is_training(step, total_steps, run.pivotal)
+
+
+def freeze_finished_phases(s: Session, step: int) -> None:
+    """Past stop_text_encoder_at (or the pivotal fraction) those weights get no gradient, so no
+    optimizer touches them again — not even momentum or weight decay."""
+    if not text_encoder_trains(s.run, step, s.plan.total_steps):
+        for p in (p for lora in s.net.text_encoder_loras for p in lora.parameters()):
+            p.requires_grad_(False)
+            p.grad = None
+    if s.embeddings is not None:
+        pivotal.freeze_after(s.embeddings, step, s.plan.total_steps, s.run.pivotal)
+
+
+def caption_of(entry: Entry, run: RunConfig, rng: random.Random, epoch: int) -> str:
+    text = captions.process_caption(entry.item.caption, run.captions, rng, epoch)
+    return pivotal.substitute(text, run.pivotal) if run.pivotal else text
+
+
+# ---------------------------------------------------------------- one step
+
+def micro_batch_loss(s: Session, batch: list[Entry], epoch: int, step: int,
+                     rng: random.Random, generator: torch.Generator) -> torch.Tensor:
+    run, base, device = s.run, s.base, s.accelerator.device
+    schedule = base.noise_scheduler
+    # Fetch the latents: cached ones, or encoded now from augmented pixels.
+    latents = s.latents_of(batch, rng).to(device)
+    # Caption as this epoch sees it (shuffled, dropped, pivotal tokens in), then encode it; the text
+    # encoder builds a graph only while something in it trains.
+    texts = [caption_of(entry, run, rng, epoch) for entry in batch]
+    grads = text_encoder_trains(run, step, s.plan.total_steps) or embeddings_train(run, step, s.plan.total_steps)
+    with torch.set_grad_enabled(grads), s.accelerator.autocast():
+        text = captions.encode_captions(base.tokenizer, base.text_encoder, texts,
+                                        max_token_length=run.training.max_token_length,
+                                        clip_skip=run.training.clip_skip, weighted=run.captions.weighted)
+    # Sample noise (offset / multires as configured) and a timestep per image; noise the latents.
+    noise = losses.sample_noise(latents, run.loss, generator)
+    timesteps = torch.randint(0, schedule.config.num_train_timesteps, (len(batch),), generator=generator).to(device)
+    noisy_latents = schedule.add_noise(latents, noise, timesteps)
+    # Predict the noise (or the velocity) and regress on it, weighted per image (prior loss, min-SNR).
+    target = noise if s.prediction == "epsilon" else schedule.get_velocity(latents, noise, timesteps)
+    with s.accelerator.autocast():
+        prediction = base.unet(noisy_latents, timesteps, text).sample
+    is_reg = torch.tensor([entry.item.is_reg for entry in batch], device=device)
+    return losses.training_loss(prediction, target, timesteps, is_reg, run.loss, schedule, s.prediction)
+
+
+def train_step(s: Session, epoch: int, step: int, micro_batches: list[list[Entry]]) -> dict:
+    rng, generator = step_rngs(s.run.training.seed, step)
+    freeze_finished_phases(s, step)
+    total = 0.0
+    for batch in micro_batches:  # gradient accumulation: average the micro-batches' gradients
+        loss = micro_batch_loss(s, batch, epoch, step, rng, generator)
+        s.accelerator.backward(loss / len(micro_batches))
+        total += loss.item() / len(micro_batches)
+    lrs = optim.effective_lrs(s.optimizer.optimizer)  # before the step: the lr this step used
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    record = {"step": step, "epoch": epoch, "loss": total, "lr": lrs[0],
+              "lrs": {g.get("name", str(i)): lr for i, (g, lr) in enumerate(zip(s.optimizer.param_groups, lrs))}}
+    if s.run.loss.scale_weight_norms is not None:
+        scaled, mean_norm, max_norm = losses.scale_weight_norms(s.net, s.run.loss.scale_weight_norms)
+        record.update(scaled_modules=scaled, mean_norm=mean_norm, max_norm=max_norm)
+    return record
+
+
+# ---------------------------------------------------------------- the run
 
 def train(inputs: RunInputs) -> list[dict]:
-    from accelerate import Accelerator
-
-    run, cfg = inputs.run, inputs.run.training
-    plan = plan_training(run, inputs.datasets)
-    accelerator = Accelerator()
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    noise_rng = torch.Generator().manual_seed(cfg.seed)
-
-    # Load the frozen base and wrap a fresh LoRA around it.
-    base = models.load_base(inputs.base_dir, parts=("unet", "text_encoder"))
-    net = network.create_network(base.unet, base.text_encoder, run.network, cfg.seed)
-    optimizer = torch.optim.AdamW(optimizer_groups(net, run), lr=run.optimizer.lr, **run.optimizer.args)
-    scheduler = make_scheduler(optimizer, run, plan.total_steps)
-    base.unet.to(accelerator.device)
-    base.text_encoder.to(accelerator.device)
-    net.to(accelerator.device)
-    net.train()
-
-    entries = epoch_entries(run, inputs.datasets)
-    latents_of = LatentBatcher(inputs.indexes, run.augment.flip, rng)
-    schedule = base.noise_scheduler
-    records, step = [], 0
-    progress = tqdm(total=plan.total_steps, desc=f"train {inputs.name}", unit="step")
-    for epoch in range(1, plan.epochs + 1):
-        for batch in batches(entries, cfg.batch_size, rng):
-            if step == plan.total_steps:
-                break
-            step += 1
-            latents = latents_of(batch).to(accelerator.device)
-            # Encode the captions; the text encoder gets gradients only if its LoRA trains.
-            with torch.set_grad_enabled(run.network.train_text_encoder):
-                text = encode_captions(base.tokenizer, base.text_encoder, [e.item.caption for e in batch])
-            # Sample noise and a timestep per image, and noise the latents to that timestep.
-            noise = torch.randn(latents.shape, generator=noise_rng).to(latents.device)
-            timesteps = torch.randint(0, schedule.config.num_train_timesteps, (len(batch),), generator=noise_rng).to(latents.device)
-            noisy_latents = schedule.add_noise(latents, noise, timesteps)
-            # Predict the noise (or the velocity, for v-prediction bases) and regress on it.
-            target = noise if schedule.config.prediction_type == "epsilon" else schedule.get_velocity(latents, noise, timesteps)
-            prediction = base.unet(noisy_latents, timesteps, text).sample
-            loss = F.mse_loss(prediction.float(), target.float())
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            records.append({"step": step, "epoch": epoch, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
-            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
-            progress.update()
-        if epoch in saved_epochs(run, plan):
-            save_checkpoint(net, base, inputs, epoch, step, plan, paths.epoch_lora(inputs.name, epoch))
+    s = setup(inputs)
+    start = resume(s)
+    entries = epoch_entries(s.run, inputs.datasets)
+    progress = tqdm(total=s.plan.total_steps, initial=start, desc=f"train {inputs.name}", unit="step")
+    for epoch, step, micro_batches in step_schedule(s.run, entries, s.plan):
+        if step <= start:
+            continue
+        record = train_step(s, epoch, step, micro_batches)
+        s.records.append(record)
+        progress.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}")
+        progress.update()
+        save_due(s, epoch, step)
     progress.close()
-    save_checkpoint(net, base, inputs, plan.epochs, step, plan, paths.run_lora(inputs.name))
-    write_logs(inputs.name, records, plan)
-    return records
+    if s.embeddings is not None:
+        save_embeddings(s)
+    save_checkpoint(s, s.plan.epochs, s.plan.total_steps, paths.run_lora(inputs.name))
+    write_logs(inputs.name, s.records, s.plan)
+    return s.records
 
 
-def save_checkpoint(net, base: models.Base, inputs: RunInputs, epoch: int, step: int, plan: TrainingPlan, path: str) -> None:
-    run = inputs.run
-    facts = {**inputs.facts, "ss_num_epochs": str(plan.epochs), "ss_max_train_steps": str(plan.total_steps),
-             "ss_batch_size_per_device": str(run.training.batch_size), "ss_learning_rate": f"{run.optimizer.lr:g}",
-             "ss_unet_lr": f"{run.optimizer.unet_lr or run.optimizer.lr:g}",
-             "ss_text_encoder_lr": f"{run.optimizer.text_encoder_lr or run.optimizer.lr:g}",
-             "ss_seed": str(run.training.seed), "ss_lr_scheduler": run.scheduler.type,
-             "ss_optimizer": "torch.optim.AdamW", "ss_flip_aug": str(run.augment.flip)}
+def save_due(s: Session, epoch: int, step: int) -> None:
+    """Epoch files at the end of every saved epoch, step files every N steps, states with them."""
+    name, save = s.inputs.name, s.run.save
+    epoch_ends = step == min(epoch * s.plan.steps_per_epoch, s.plan.total_steps)
+    saved = []
+    if epoch_ends and epoch in saved_epochs(s.run, s.plan):
+        saved.append(save_checkpoint(s, epoch, step, paths.epoch_lora(name, epoch)))
+    if save.every_n_steps and step % save.every_n_steps == 0 and step < s.plan.total_steps:
+        saved.append(save_checkpoint(s, epoch, step, paths.step_lora(name, step)))
+    if saved and save.keep_last:
+        prune_checkpoints(name, save.keep_last)
+    if saved and save.state:
+        save_state(s, epoch, step)
+
+
+def save_checkpoint(s: Session, epoch: int, step: int, path: str) -> str:
+    run, net = s.run, s.net
     metadata = lora_format.lora_metadata(
-        run_name=inputs.name, algo=run.network.algo, dim=run.network.dim, alpha=run.network.alpha,
-        preset=Path(network.PRESET[run.network.algo]).stem, base_id=models.base_id(inputs.base_dir),
-        resolution=run.size, epoch=epoch, steps=step, facts=facts)
-    state = network.to_kohya_keys(net.state_dict(), base.text_encoder)
-    lora_format.save_lora(state, path, run.save.precision, metadata)
+        run_name=s.inputs.name, algo=run.network.algo, dim=run.network.dim, alpha=run.network.alpha,
+        preset=network.preset_name(run.network), base_id=models.base_id(s.inputs.base_dir),
+        resolution=run.size, epoch=epoch, steps=step, facts={**s.inputs.facts, **training_facts(s)})
+    weights = network.to_kohya_keys(net.state_dict(), s.base.text_encoder)
+    lora_format.save_lora(weights, path, run.save.precision, metadata)
+    return path
+
+
+def save_embeddings(s: Session) -> None:
+    """Pivotal vectors beside the LoRA, named by the prompt word (webui's convention)."""
+    cfg = s.run.pivotal
+    pivotal.save_embeddings(paths.embeddings(s.inputs.name, cfg.token), s.embeddings.detach(), cfg,
+                            {"lorabake_run": s.inputs.name, "lorabake_base_id": models.base_id(s.inputs.base_dir)})
+
+
+def training_facts(s: Session) -> dict[str, str]:
+    """kohya's `ss_*` training facts for the metadata."""
+    run, opt = s.run, s.run.optimizer
+    return {"ss_num_epochs": str(s.plan.epochs), "ss_max_train_steps": str(s.plan.total_steps),
+            "ss_batch_size_per_device": str(run.training.batch_size),
+            "ss_gradient_accumulation_steps": str(run.training.grad_accum),
+            "ss_learning_rate": f"{opt.lr:g}", "ss_unet_lr": f"{opt.unet_lr or opt.lr:g}",
+            "ss_text_encoder_lr": f"{opt.text_encoder_lr or opt.lr:g}", "ss_seed": str(run.training.seed),
+            "ss_lr_scheduler": run.scheduler.type, "ss_lr_warmup_steps": str(until(run.scheduler.warmup, s.plan.total_steps)),
+            "ss_optimizer": optim.describe(opt.type, opt.args), "ss_flip_aug": str(run.augment.flip),
+            "ss_color_aug": str(run.augment.color), "ss_random_crop": str(run.augment.random_crop),
+            "ss_clip_skip": str(run.training.clip_skip), "ss_max_token_length": str(run.training.max_token_length),
+            "ss_mixed_precision": run.training.mixed_precision, "ss_shuffle_caption": str(run.captions.shuffle),
+            "ss_keep_tokens": str(run.captions.keep_tokens), "ss_caption_dropout_rate": f"{run.captions.dropout_rate:g}",
+            "ss_caption_dropout_every_n_epochs": str(run.captions.dropout_every_n_epochs),
+            "ss_caption_tag_dropout_rate": f"{run.captions.tag_dropout_rate:g}",
+            "ss_min_snr_gamma": str(run.loss.min_snr_gamma), "ss_noise_offset": f"{run.loss.noise_offset:g}",
+            "ss_adaptive_noise_scale": str(run.loss.adaptive_noise_scale),
+            "ss_multires_noise_iterations": str(run.loss.multires_noise.iterations),
+            "ss_multires_noise_discount": f"{run.loss.multires_noise.discount:g}",
+            "ss_prior_loss_weight": f"{run.loss.prior_loss_weight:g}",
+            "ss_scale_weight_norms": str(run.loss.scale_weight_norms), "ss_v_parameterization": str(s.prediction == "v_prediction"),
+            "ss_gradient_checkpointing": str(run.training.gradient_checkpointing)}
+
+
+def prune_checkpoints(name: str, keep_last: int) -> None:
+    """kohya's save_last_n_epochs: only the newest N epoch files (and N step files) stay."""
+    for folder, pattern in (("epochs", f"{name}-e*.safetensors"), ("steps", f"{name}-s*.safetensors")):
+        for old in sorted((Path(paths.run_dir(name)) / folder).glob(pattern))[:-keep_last]:
+            old.unlink()
+
+
+# ---------------------------------------------------------------- saved state and resuming
+
+def save_state(s: Session, epoch: int, step: int) -> None:
+    weights = dict(s.net.state_dict())
+    if s.embeddings is not None:
+        weights["pivotal.embeddings"] = s.embeddings.detach()
+    root = Path(paths.state_root(s.inputs.name))
+    state.save_state(root / state.state_dir_name(step), network=weights, optimizer=s.optimizer.optimizer,
+                     scheduler=s.scheduler, step=step, epoch=epoch,
+                     extra={"digest": s.inputs.digest, "records": s.records})
+    state.prune(root, s.run.save.keep_last)
+
+
+def resume(s: Session) -> int:
+    """The step to continue after: that of the newest state saved by this same run, else 0."""
+    if not s.run.save.state:
+        return 0
+    directory = state.latest_state(Path(paths.state_root(s.inputs.name)), s.inputs.digest)
+    if directory is None:
+        return 0
+    saved = state.load_state(directory, s.optimizer.optimizer, s.scheduler)
+    weights = dict(saved.network)
+    if s.embeddings is not None:
+        with torch.no_grad():
+            s.embeddings.copy_(weights.pop("pivotal.embeddings"))
+    s.net.load_state_dict(weights)
+    s.records = list(saved.extra["records"])
+    print(f"train {s.inputs.name}: resuming from {directory} (step {saved.step} of {s.plan.total_steps})")
+    return saved.step
 
 
 def write_logs(name: str, records: list[dict], plan: TrainingPlan) -> None:
@@ -153,5 +346,5 @@ def write_logs(name: str, records: list[dict], plan: TrainingPlan) -> None:
     plots.loss_plot(records, paths.loss_plot(name), title=f"{name}: {plan.total_steps} steps, {plan.epochs} epochs")
     first = [r["loss"] for r in records if r["epoch"] == 1]
     last = [r["loss"] for r in records if r["epoch"] == plan.epochs]
-    print(f"train {name}: mean loss epoch 1 = {sum(first) / len(first):.4f}, "
+    print(f"train {name}: {len(records)} steps, mean loss epoch 1 = {sum(first) / len(first):.4f}, "
           f"epoch {plan.epochs} = {sum(last) / len(last):.4f}")

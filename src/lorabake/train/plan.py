@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from lorabake import buckets
 from lorabake.config import RunConfig
-from lorabake.dataset import Dataset, ImageItem, epoch_items
+from lorabake.dataset import Dataset, ImageItem, bucket_steps, epoch_items
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,10 @@ def batches(entries: list[Entry], batch_size: int, rng: random.Random) -> list[l
 
 
 def plan_training(run: RunConfig, datasets: dict[str, Dataset]) -> TrainingPlan:
-    counts: dict[tuple[int, int], int] = defaultdict(int)
-    for entry in epoch_entries(run, datasets):
-        counts[entry.bucket] += 1
-    steps_per_epoch = sum(math.ceil(n / run.training.batch_size) for n in counts.values())
+    """kohya's arithmetic: images × repeats (reg entries doubling it) → bucket batches → optimizer
+    steps of grad_accum batches each, × epochs, cut at max_steps."""
+    counts = Counter(entry.bucket for entry in epoch_entries(run, datasets))
+    steps_per_epoch = bucket_steps(counts, run.training.batch_size, run.training.grad_accum)
     total = steps_per_epoch * run.training.epochs
     if run.training.max_steps is not None:
         total = min(total, run.training.max_steps)
@@ -67,3 +67,9 @@ def saved_epochs(run: RunConfig, plan: TrainingPlan) -> list[int]:
     """Epochs that get an `epochs/{run}-eNNNN.safetensors` file: every N-th, and always the last."""
     every = run.save.every_n_epochs
     return sorted({e for e in range(1, plan.epochs + 1) if every and e % every == 0} | {plan.epochs})
+
+
+def kept_epochs(run: RunConfig, plan: TrainingPlan) -> list[int]:
+    """Epoch files still there after training: save.keep_last prunes all but the newest N."""
+    epochs = saved_epochs(run, plan)
+    return epochs[-run.save.keep_last:] if run.save.keep_last else epochs

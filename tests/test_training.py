@@ -1,0 +1,270 @@
+"""Each training option does what it says: checked on what real training of the tiny model writes."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_project
+from lorabake import config, models, network, paths
+from lorabake.train import loop
+from trainer import Result, Trainer, eval_loss, fixed_batch
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("training") / "project")
+    for run in (project / "configs/runs").glob("*.yaml"):
+        run.unlink()
+    (project / "configs/runs/seed.yaml").write_text("training: {max_steps: 1}\n")
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        yield Trainer(project)
+    finally:
+        os.chdir(cwd)
+
+
+def base_with(trainer: Trainer, lora=None) -> models.Base:
+    base = models.load_base(trainer.project / "results/base/tiny")
+    if lora is not None:
+        network.apply_weights(lora, base.unet, base.text_encoder, 1.0)
+    return base
+
+
+# ---------------------------------------------------------------- networks × optimizers
+
+LEARNING_RATES = {"adamw": 1e-2, "prodigy": 1.0}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "prodigy"])
+@pytest.mark.parametrize("algo", config.ALGOS)
+def test_every_algo_learns_and_saves_its_own_keys(trainer, algo, optimizer):
+    net = {"algo": algo, "dim": 4, "alpha": 4}
+    if algo == "lokr":
+        net["factor"] = 4
+    result = trainer.train(f"{algo}-{optimizer}", {
+        "network": net, "optimizer": {"type": optimizer, "lr": LEARNING_RATES[optimizer]},
+        "training": {"max_steps": 16}})
+    weights = result.weights()
+    suffixes = {key.split(".", 1)[1] for key in weights}
+    assert suffixes and suffixes <= network.KEY_SUFFIXES[algo], suffixes - network.KEY_SUFFIXES[algo]
+    assert all(k.startswith(("lora_unet_", "lora_te_text_model_encoder_")) for k in weights)
+    batch = fixed_batch(base_with(trainer), trainer.project)
+    before, after = eval_loss(base_with(trainer), batch), eval_loss(base_with(trainer, result.lora), batch)
+    assert after < before, f"{algo}/{optimizer}: loss on a fixed batch {before:.4f} → {after:.4f}"
+    assert result.metadata()["ss_network_args"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw8bit", "lion", "lion8bit", "sgd_nesterov", "sgd_nesterov8bit",
+                                       "adafactor", "dadapt_adam", "dadapt_lion"])
+def test_every_optimizer_trains(trainer, optimizer):
+    lr = {"lion": 1e-3, "lion8bit": 1e-3, "sgd_nesterov": 0.5, "sgd_nesterov8bit": 0.5,
+          "dadapt_adam": 1.0, "dadapt_lion": 1.0}.get(optimizer, 1e-2)
+    args = {"relative_step": False, "scale_parameter": False} if optimizer == "adafactor" else {}
+    result = trainer.train(f"opt-{optimizer}", {"optimizer": {"type": optimizer, "lr": lr, "args": args}})
+    records = result.records
+    assert len(records) == 8 and all(math.isfinite(r["loss"]) for r in records)
+    assert result.weights() != {}
+
+
+def test_adaptive_optimizers_log_their_effective_lr(trainer):
+    records = trainer.train("prodigy-lr", {"optimizer": {"type": "prodigy", "lr": 1.0}}).records
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == pytest.approx(1e-6)  # Prodigy's d starts at d0 = 1e-6: d·lr
+    assert lrs[-1] > lrs[0]               # and grows as it estimates the distance
+
+
+@pytest.mark.parametrize("kind", ["constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"])
+def test_logged_lr_follows_the_schedule(trainer, kind):
+    total, warmup = 10, 0.2
+    records = trainer.train(f"sched-{kind}", {
+        "optimizer": {"lr": 1e-3}, "scheduler": {"type": kind, "warmup": warmup, "cycles": 2, "power": 2.0},
+        "training": {"max_steps": total}}).records
+    w = round(warmup * total)
+    for record in records:
+        k = record["step"] - 1  # the lr used by step k+1 is the schedule's value after k steps
+        if k < w:
+            expected = k / w
+        else:
+            progress = (k - w) / (total - w)
+            expected = {"constant_with_warmup": 1.0, "linear": 1 - progress,
+                        "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
+                        "cosine_with_restarts": 0.5 * (1 + math.cos(math.pi * ((2 * progress) % 1.0))),
+                        "polynomial": None}[kind]
+            if kind == "polynomial":
+                end = 1e-7
+                expected = ((1e-3 - end) * (1 - progress) ** 2 + end) / 1e-3
+        assert record["lr"] == pytest.approx(1e-3 * expected, rel=1e-6, abs=1e-12), (kind, record)
+
+
+# ---------------------------------------------------------------- what trains, when
+
+def te_keys(weights):
+    return [k for k in weights if k.startswith("lora_te_")]
+
+
+def test_stop_text_encoder_at_freezes_it_from_that_step(trainer):
+    result = trainer.train("stop-te", {"training": {"max_steps": 8, "stop_text_encoder_at": 0.5},
+                                       "save": {"every_n_steps": 4}})
+    at_stop = result.weights(paths.step_lora("stop-te", 4))
+    final = result.weights()
+    assert te_keys(final)
+    assert all(torch.equal(at_stop[k], final[k]) for k in te_keys(final))
+    unet = [k for k in final if k.startswith("lora_unet_") and "lora_up" in k]
+    assert any(not torch.equal(at_stop[k], final[k]) for k in unet)
+    early = result.weights(paths.epoch_lora("stop-te", 1)) if os.path.exists(paths.epoch_lora("stop-te", 1)) else None
+    assert early is None or any(not torch.equal(early[k], at_stop[k]) for k in te_keys(final))
+
+
+def test_block_with_zero_lr_weight_keeps_its_initial_weights(trainer):
+    weights = [1.0] * 25
+    weights[config.BLOCKS.index("IN01")] = 0.0
+    result = trainer.train("block-zero", {"network": {"block_lr_weights": weights}})
+    trained = result.weights()
+    in01 = [k for k in trained if k.startswith("lora_unet_down_blocks_0_attentions_0_")]
+    other = [k for k in trained if k.startswith("lora_unet_up_blocks_3_attentions_2_") and "lora_up" in k]
+    assert in01 and other
+    assert all(not trained[k].any() for k in in01 if "lora_up" in k)  # lora_up starts at zero, stays there
+    assert any(trained[k].any() for k in other)
+    pruned = trainer.train("block-pruned", {"network": {"block_lr_weights": weights, "block_lr_zero_threshold": 0.0}})
+    assert not [k for k in pruned.weights() if k.startswith("lora_unet_down_blocks_0_attentions_0_")]
+
+
+def test_scale_weight_norms_bounds_every_module(trainer):
+    limit = 0.05
+    result = trainer.train("max-norm", {"optimizer": {"lr": 5e-2}, "loss": {"scale_weight_norms": limit}})
+    assert max(r["scaled_modules"] for r in result.records) > 0
+    base = base_with(trainer)
+    deltas = network.module_deltas(result.lora, base.unet, base.text_encoder)
+    assert max(d.norm().item() for d in deltas.values()) <= limit * (1 + 1e-3)
+
+
+# ---------------------------------------------------------------- saving and resuming
+
+def test_resume_reproduces_the_uninterrupted_file(trainer, monkeypatch):
+    settings = {"training": {"max_steps": 12}, "save": {"every_n_steps": 4, "state": True}}
+    whole = trainer.train("resume", settings)
+    expected, expected_records = whole.lora.read_bytes(), whole.records
+    shutil.rmtree(paths.run_dir("resume"))
+
+    original = loop.train_step
+    def killed_at_step_10(s, epoch, step, batches):
+        if step == 10:
+            raise KeyboardInterrupt("killed")
+        return original(s, epoch, step, batches)
+    monkeypatch.setattr(loop, "train_step", killed_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train("resume", settings)
+    assert not os.path.exists(paths.run_lora("resume"))
+    assert sorted(p.name for p in Path(paths.state_root("resume")).iterdir()) == ["step-000004", "step-000008"]
+    monkeypatch.setattr(loop, "train_step", original)
+
+    resumed = trainer.train("resume", settings)
+    assert resumed.lora.read_bytes() == expected
+    assert resumed.records == expected_records  # steps 1…12, each once, with the same losses
+
+
+def test_keep_last_prunes_old_epoch_files(trainer):
+    trainer.train("keep", {"training": {"max_steps": None, "epochs": 4, "batch_size": 4},
+                           "save": {"every_n_epochs": 1, "keep_last": 2}})
+    files = sorted(p.name for p in (trainer.project / "results/runs/keep/epochs").iterdir())
+    assert files == ["keep-e0003.safetensors", "keep-e0004.safetensors"]
+
+
+# ---------------------------------------------------------------- data, captions, precision
+
+def test_color_and_crop_augmentation_read_pixels_instead_of_latents(trainer):
+    result = trainer.train("color", {"augment": {"color": True, "random_crop": True}})
+    assert len(result.records) == 8
+    from lorabake.workspace import Workspace
+    ws = Workspace.load(trainer.project / "configs/config.yaml")
+    assert ws.latent_indexes("color") == {} and ws.pixel_inputs("color")
+
+
+def test_gradient_checkpointing_gives_the_same_training(trainer):
+    plain = trainer.train("ckpt-off", {"training": {"max_steps": 3}})
+    checkpointed = trainer.train("ckpt-on", {"training": {"max_steps": 3, "gradient_checkpointing": True}})
+    for a, b in zip(plain.records, checkpointed.records):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_eager_attention_matches_sdpa(trainer):
+    sdpa = trainer.train("attn-sdpa", {"training": {"max_steps": 2}})
+    eager = trainer.train("attn-eager", {"training": {"max_steps": 2, "attention": "eager"}})
+    assert sdpa.records[0]["loss"] == pytest.approx(eager.records[0]["loss"], rel=1e-4)
+
+
+def test_bf16_mixed_precision_trains_close_to_fp32(trainer):
+    fp32 = trainer.train("mp-no", {"training": {"max_steps": 3}})
+    bf16 = trainer.train("mp-bf16", {"training": {"max_steps": 3, "mixed_precision": "bf16"}})
+    first32, first16 = fp32.records[0]["loss"], bf16.records[0]["loss"]
+    assert first16 != first32 and first16 == pytest.approx(first32, rel=0.05)
+    assert bf16.metadata()["ss_mixed_precision"] == "bf16"
+
+
+def test_text_options_change_training(trainer):
+    plain = trainer.train("text-plain", {"training": {"max_steps": 2}})
+    for name, overrides in {"text-skip": {"training": {"clip_skip": 2}},
+                            "text-long": {"training": {"max_token_length": 150}},
+                            "text-weighted": {"captions": {"weighted": True, "shuffle": True, "keep_tokens": 1}}}.items():
+        other = trainer.train(name, config.deep_merge({"training": {"max_steps": 2}}, overrides))
+        assert other.records[0]["loss"] != plain.records[0]["loss"] or name == "text-weighted"
+        assert len(other.records) == 2
+
+
+@pytest.mark.parametrize("loss", [{"min_snr_gamma": 5.0}, {"noise_offset": 0.1, "adaptive_noise_scale": 0.01},
+                                  {"multires_noise": {"iterations": 4, "discount": 0.3}},
+                                  {"prediction": "v_prediction"}])
+def test_loss_options_change_the_loss(trainer, loss):
+    plain = trainer.train("loss-plain", {"training": {"max_steps": 2}})
+    name = "loss-" + "-".join(loss)
+    other = trainer.train(name, {"training": {"max_steps": 2}, "loss": loss})
+    assert other.records[0]["loss"] != plain.records[0]["loss"]
+
+
+def test_pivotal_tuning_trains_embeddings_for_a_fraction(trainer):
+    result = trainer.train("pivotal", {"pivotal": {"token": "lbk", "num_new_tokens": 2, "frac": 0.5, "init": "shape"},
+                                       "training": {"max_steps": 8}})
+    from safetensors.torch import load_file
+    saved = load_file(paths.embeddings("pivotal", "lbk"))
+    vectors = next(iter(saved.values()))
+    assert vectors.shape[0] == 2
+    base = base_with(trainer)
+    init_id = base.tokenizer("shape", add_special_tokens=False).input_ids[0]
+    initial = base.text_encoder.get_input_embeddings().weight[init_id]
+    assert not torch.allclose(vectors[0], initial)  # trained
+    lrs = [r["lrs"]["embeddings"] for r in result.records]
+    assert len(lrs) == 8
+
+
+# ---------------------------------------------------------------- step arithmetic
+
+def test_kohya_step_arithmetic_matches_the_dataset_report(trainer):
+    reg = trainer.project / "datasets/demo/reg/2_shape"
+    reg.mkdir(parents=True)
+    for image in sorted((trainer.project / "datasets/demo/3_lbk_square").glob("*.png"))[:2]:
+        shutil.copy2(image, reg / image.name)
+    try:
+        trainer.write_run("arith", {"training": {"epochs": 3, "batch_size": 2, "grad_accum": 2}}, quick=False)
+        from lorabake.workspace import Workspace
+        ws = Workspace.load(trainer.project / "configs/config.yaml")
+        plan = ws.plan("arith")
+        trainer.cli("dataset", "report", "--dataset", "demo")
+        import json
+        report = json.loads(Path(paths.dataset_report("demo")).read_text())["runs"]["arith"]
+        assert (report["steps_per_epoch"], report["total_steps"]) == (plan.steps_per_epoch, plan.total_steps)
+        # 5 circles × 5 repeats + 4 squares × 3 repeats = 37 entries, matched by 37 reg entries = 74;
+        # per bucket ceil(n / 2) batches, then ceil(batches / 2) optimizer steps
+        entries = loop.epoch_entries(ws.run("arith"), ws.run_datasets("arith"))
+        assert len(entries) == 74
+        from collections import Counter
+        batches = sum(math.ceil(n / 2) for n in Counter(e.bucket for e in entries).values())
+        assert plan.steps_per_epoch == math.ceil(batches / 2) and plan.total_steps == 3 * plan.steps_per_epoch
+    finally:
+        shutil.rmtree(reg.parent)
+        (trainer.project / "configs/runs/arith.yaml").unlink()
