@@ -51,7 +51,7 @@ def test_runs_use_bucketed_steps_and_max_steps(dataset: Dataset) -> None:
     report = build_report(dataset, SPEC, RUNS)
     placements = {item.rel: place(item.width, item.height, SPEC).bucket for item in dataset.items}
     per_epoch = steps_per_epoch(placements, epoch_items(dataset), 2)
-    assert report["runs"]["short"] == {"batch_size": 2, "epochs": 3, "max_steps": None,
+    assert report["runs"]["short"] == {"batch_size": 2, "grad_accum": 1, "epochs": 3, "max_steps": None,
                                        "steps_per_epoch": per_epoch, "total_steps": 3 * per_epoch}
     assert report["runs"]["capped"]["steps_per_epoch"] == 32
     assert report["runs"]["capped"]["total_steps"] == 7
@@ -74,7 +74,7 @@ def test_caption_warnings_and_tag_counts(dataset: Dataset) -> None:
 def test_render_markdown_has_every_section(dataset: Dataset) -> None:
     text = render_markdown(build_report(dataset, SPEC, RUNS))
     for needle in ("# Dataset report: pets", "## Folders", "| 4_cat | cat | 4 | 3 | 12 |", "## Runs",
-                   "| short | 2 | 3 |", "## Buckets", "| 96x32 | 2 |", "## Top 30 tags",
+                   "| short | 2 | 1 | 3 |", "## Buckets", "| 96x32 | 2 |", "## Top 30 tags",
                    "### Missing activation tag (2)", "`4_cat/b.png`", "unbalanced parentheses `(unbalanced`"):
         assert needle in text
 

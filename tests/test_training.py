@@ -18,9 +18,6 @@ from trainer import Result, Trainer, eval_loss, fixed_batch
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("training") / "project")
-    for run in (project / "configs/runs").glob("*.yaml"):
-        run.unlink()
-    (project / "configs/runs/seed.yaml").write_text("training: {max_steps: 1}\n")
     cwd = os.getcwd()
     os.chdir(project)
     try:
@@ -61,15 +58,23 @@ def test_every_algo_learns_and_saves_its_own_keys(trainer, algo, optimizer):
 
 
 @pytest.mark.parametrize("optimizer", ["adamw8bit", "lion", "lion8bit", "sgd_nesterov", "sgd_nesterov8bit",
-                                       "adafactor", "dadapt_adam", "dadapt_lion"])
+                                       "adafactor", "adafactor-relative", "dadapt_adam", "dadapt_lion"])
 def test_every_optimizer_trains(trainer, optimizer):
     lr = {"lion": 1e-3, "lion8bit": 1e-3, "sgd_nesterov": 0.5, "sgd_nesterov8bit": 0.5,
           "dadapt_adam": 1.0, "dadapt_lion": 1.0}.get(optimizer, 1e-2)
-    args = {"relative_step": False, "scale_parameter": False} if optimizer == "adafactor" else {}
-    result = trainer.train(f"opt-{optimizer}", {"optimizer": {"type": optimizer, "lr": lr, "args": args}})
+    settings = {"type": optimizer, "lr": lr}
+    if optimizer == "adafactor":
+        settings["args"] = {"relative_step": False, "scale_parameter": False}
+    scheduler = {"type": "adafactor"} if optimizer == "adafactor-relative" else {"type": "constant"}
+    settings["type"] = optimizer.split("-")[0]
+    result = trainer.train(f"opt-{optimizer}", {"optimizer": settings, "scheduler": scheduler})
     records = result.records
     assert len(records) == 8 and all(math.isfinite(r["loss"]) for r in records)
-    assert result.weights() != {}
+    untrained = base_with(trainer)
+    deltas = network.module_deltas(result.lora, untrained.unet, untrained.text_encoder)
+    assert max(d.abs().max().item() for d in deltas.values()) > 0  # the weights moved
+    if optimizer == "adafactor-relative":  # its own relative-step lr, not the configured one, is logged
+        assert records[0]["lr"] != lr and records[-1]["lr"] > records[0]["lr"]
 
 
 def test_adaptive_optimizers_log_their_effective_lr(trainer):
@@ -110,29 +115,30 @@ def te_keys(weights):
 
 def test_stop_text_encoder_at_freezes_it_from_that_step(trainer):
     result = trainer.train("stop-te", {"training": {"max_steps": 8, "stop_text_encoder_at": 0.5},
-                                       "save": {"every_n_steps": 4}})
-    at_stop = result.weights(paths.step_lora("stop-te", 4))
-    final = result.weights()
-    assert te_keys(final)
-    assert all(torch.equal(at_stop[k], final[k]) for k in te_keys(final))
+                                       "save": {"every_n_steps": 2}})
+    step2, step4, final = (result.weights(paths.step_lora("stop-te", 2)), result.weights(paths.step_lora("stop-te", 4)),
+                           result.weights())
+    te = te_keys(final)
     unet = [k for k in final if k.startswith("lora_unet_") and "lora_up" in k]
-    assert any(not torch.equal(at_stop[k], final[k]) for k in unet)
-    early = result.weights(paths.epoch_lora("stop-te", 1)) if os.path.exists(paths.epoch_lora("stop-te", 1)) else None
-    assert early is None or any(not torch.equal(early[k], at_stop[k]) for k in te_keys(final))
+    assert any(not torch.equal(step2[k], step4[k]) for k in te)      # trains up to step 4 …
+    assert all(torch.equal(step4[k], final[k]) for k in te)          # … and not after it
+    assert any(not torch.equal(step4[k], final[k]) for k in unet)    # while the UNet goes on
 
 
-def test_block_with_zero_lr_weight_keeps_its_initial_weights(trainer):
+def test_block_lr_weights_scale_and_zero_blocks_keep_the_base(trainer):
     weights = [1.0] * 25
-    weights[config.BLOCKS.index("IN01")] = 0.0
-    result = trainer.train("block-zero", {"network": {"block_lr_weights": weights}})
+    weights[config.BLOCKS.index("IN01")] = 0.0     # kohya: weight 0 → no module, the block stays the base
+    weights[config.BLOCKS.index("IN02")] = 0.5
+    weights[config.BLOCKS.index("IN04")] = 0.05    # under the threshold below → no module either
+    result = trainer.train("block-lr", {"network": {"block_lr_weights": weights, "block_lr_zero_threshold": 0.1},
+                                        "optimizer": {"lr": 1e-3}})
     trained = result.weights()
-    in01 = [k for k in trained if k.startswith("lora_unet_down_blocks_0_attentions_0_")]
-    other = [k for k in trained if k.startswith("lora_unet_up_blocks_3_attentions_2_") and "lora_up" in k]
-    assert in01 and other
-    assert all(not trained[k].any() for k in in01 if "lora_up" in k)  # lora_up starts at zero, stays there
-    assert any(trained[k].any() for k in other)
-    pruned = trainer.train("block-pruned", {"network": {"block_lr_weights": weights, "block_lr_zero_threshold": 0.0}})
-    assert not [k for k in pruned.weights() if k.startswith("lora_unet_down_blocks_0_attentions_0_")]
+    assert not [k for k in trained if k.startswith("lora_unet_down_blocks_0_attentions_0_")]   # IN01
+    assert not [k for k in trained if k.startswith("lora_unet_down_blocks_1_attentions_0_")]   # IN04
+    assert [k for k in trained if k.startswith("lora_unet_down_blocks_0_attentions_1_")]       # IN02
+    lrs = result.records[0]["lrs"]
+    assert lrs["unet:IN02"] == pytest.approx(0.5e-3) and lrs["unet:OUT05"] == pytest.approx(1e-3)
+    assert "unet:IN01" not in lrs and "unet:IN04" not in lrs
 
 
 def test_scale_weight_norms_bounds_every_module(trainer):
@@ -142,6 +148,27 @@ def test_scale_weight_norms_bounds_every_module(trainer):
     base = base_with(trainer)
     deltas = network.module_deltas(result.lora, base.unet, base.text_encoder)
     assert max(d.norm().item() for d in deltas.values()) <= limit * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("dropout", [{"dropout": 0.3}, {"rank_dropout": 0.3}, {"module_dropout": 0.3}])
+def test_network_dropouts_change_training(trainer, dropout):
+    plain = trainer.train("drop-plain", {"training": {"max_steps": 3}})
+    name = "drop-" + next(iter(dropout))
+    dropped = trainer.train(name, {"training": {"max_steps": 3}, "network": dropout})
+    assert plain.records[0]["loss"] == dropped.records[0]["loss"]   # up-weights start at zero …
+    assert plain.records[-1]["loss"] != dropped.records[-1]["loss"]  # … then dropout changes what trains
+
+
+def test_init_weights_continue_from_a_file(trainer):
+    first = trainer.train("init-first", {"training": {"max_steps": 4}})
+    shutil.copy(first.lora, trainer.project / "start.safetensors")
+    again = trainer.train("init-again", {"training": {"max_steps": 1}, "optimizer": {"lr": 1e-12},
+                                         "network": {"init_weights": "start.safetensors"}})
+    start, continued = first.weights(), again.weights()
+    assert start.keys() == continued.keys()
+    assert all(torch.allclose(start[k], continued[k], atol=1e-9) for k in start)
+    fresh = trainer.train("init-none", {"training": {"max_steps": 1}, "optimizer": {"lr": 1e-12}}).weights()
+    assert any(not torch.allclose(start[k], fresh[k], atol=1e-6) for k in start)
 
 
 # ---------------------------------------------------------------- saving and resuming

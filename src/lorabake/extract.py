@@ -35,7 +35,7 @@ def target_modules(unet, text_encoder, conv: bool) -> dict[str, torch.nn.Module]
     from lycoris.kohya import create_network as lycoris_network
 
     network._quiet_lycoris()
-    preset = "full" if conv else network.PRESET["lora"]  # full = kohya LoCon: + ResNet 3x3 convs
+    preset = str(network.CONV_PRESET if conv else network.LINEAR_PRESET)  # LoCon: + ResNet/sampler 3x3 convs
     net = lycoris_network(1.0, 1, 1.0, None, text_encoder, unet, algo="lora", preset=preset,
                           conv_dim=1 if conv else 0, warn_on_unmatched=False)
     return {lora.lora_name: lora.org_module[0] for lora in net.unet_loras + net.text_encoder_loras}

@@ -104,6 +104,11 @@ def preset_path(cfg: Network) -> Path:
     return CONV_PRESET if cfg.conv_dim is not None else LINEAR_PRESET
 
 
+def preset_name(cfg: Network) -> str:
+    """The preset's name for a file's metadata: kohya-lora or kohya-locon."""
+    return preset_path(cfg).stem
+
+
 # ---------------------------------------------------------------- block-wise targets
 
 def has_block_options(cfg: Network) -> bool:
@@ -264,7 +269,7 @@ class UnmatchedKeys(ValueError):
 
 
 def _modules_by_lora_name(unet, text_encoder) -> dict[str, tuple[torch.nn.Module, bool]]:
-    """kohya module name → (module, is it in the UNet) for every module of the models."""
+    """lycoris module name (kohya's scheme on this model's paths) → (module, is it in the UNet)."""
     named = {}
     for prefix, model, on_unet in ((UNET_PREFIX, unet, True), (TEXT_ENCODER_PREFIX, text_encoder, False)):
         if model is not None:
@@ -276,10 +281,8 @@ def _modules_by_lora_name(unet, text_encoder) -> dict[str, tuple[torch.nn.Module
 def _empty_network(unet, text_encoder):
     from lycoris.kohya import LycorisNetworkKohya
 
-    _apply_preset(TARGETS_NOTHING)
-    network = LycorisNetworkKohya(text_encoder, unet, warn_on_unmatched=False)
-    _apply_preset({})
-    return network
+    _apply_preset(TARGETS_NOTHING)  # an empty container; load_weights adds the file's modules
+    return LycorisNetworkKohya(text_encoder, unet, warn_on_unmatched=False)
 
 
 def _module_from_weights(weights: dict, lora_name: str, org_module: torch.nn.Module, path: Path):
@@ -294,7 +297,7 @@ def _module_from_weights(weights: dict, lora_name: str, org_module: torch.nn.Mod
     try:
         if kind is IA3Module:  # lycoris 4.1.3 hands IA3 its saved on_input too, which its loader does not take
             weight, on_input = params
-            module = IA3Module(lora_name, org_module, 1.0, train_on_input=bool(on_input is not None and on_input))
+            module = IA3Module(lora_name, org_module, 1.0, train_on_input=on_input is not None and bool(on_input))
             module.weight.data.copy_(weight)
             return module
         return make_module(kind, params, lora_name, org_module)
@@ -329,24 +332,51 @@ def apply_weights(path: Path, unet, text_encoder, multiplier: float = 1.0):
     return network
 
 
+def _scales_twice(lora) -> bool:
+    """lycoris 4.1.3's LoHa and LoKr `get_diff_weight` multiply by alpha/dim although their `get_weight`
+    already did; their forward pass (what training optimised, and what A1111/ComfyUI apply) scales once."""
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    return isinstance(lora, (LohaModule, LokrModule))
+
+
+def _forward_weight(lora, multiplier: float) -> torch.Tensor:
+    """The weight a LoHa/LoKr module's forward pass uses, as lycoris' own forward builds it."""
+    original = lora.org_weight
+    update = lora.get_weight(lora.shape).to(original) * lora.scalar
+    if lora.wd:  # DoRA rescales the whole weight
+        return lora.apply_weight_decompose(original + update, multiplier)
+    return original + update * multiplier
+
+
+@torch.no_grad()
+def weight_delta(lora, multiplier: float = 1.0) -> torch.Tensor:
+    """How much one module changes its layer's weight at this strength."""
+    if _scales_twice(lora):
+        return _forward_weight(lora, multiplier) - lora.org_weight
+    return lora.get_diff_weight(multiplier=multiplier, shape=lora.shape, device="cpu")[0]
+
+
 @torch.no_grad()
 def merge_weights(path: Path, unet, text_encoder, multiplier: float = 1.0) -> int:
     """Add `multiplier` × the LoRA's weight deltas into the models' weights; returns modules merged."""
     network = load_weights(path, unet, text_encoder, multiplier)
     loras = network.unet_loras + network.text_encoder_loras
     for lora in loras:
-        lora.merge_to(multiplier)
+        if _scales_twice(lora):
+            weight = lora.org_module[0].weight
+            weight.copy_(_forward_weight(lora, multiplier).reshape(weight.shape))
+        else:
+            lora.merge_to(multiplier)
     return len(loras)
 
 
-@torch.no_grad()
 def module_deltas(path: Path, unet, text_encoder, multiplier: float = 1.0) -> dict[str, torch.Tensor]:
     """The weight delta each module adds, by kohya module name (for checks and extraction tests)."""
     network = load_weights(path, unet, text_encoder, multiplier)
-    deltas = {}
-    for lora in network.unet_loras + network.text_encoder_loras:
-        delta, _ = lora.get_diff_weight(multiplier=multiplier, shape=lora.shape, device="cpu")
-        deltas[lora.lora_name] = delta.detach().float()
+    deltas = {lora.lora_name: weight_delta(lora, multiplier).float()
+              for lora in network.unet_loras + network.text_encoder_loras}
     return to_kohya_keys(deltas, text_encoder)
 
 

@@ -65,9 +65,11 @@ class Session:
 
 def setup(inputs: RunInputs) -> Session:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     run = inputs.run
     plan = plan_training(run, inputs.datasets)
+    AcceleratorState._reset_state()  # accelerate keeps one global state; each run sets its own precision
     accelerator = Accelerator(mixed_precision=run.training.mixed_precision)
     parts = ("unet", "text_encoder") if run.caches_latents else ("unet", "text_encoder", "vae")
     base = models.load_base(inputs.base_dir, parts=parts)
@@ -266,7 +268,7 @@ def save_checkpoint(s: Session, epoch: int, step: int, path: str) -> str:
         run_name=s.inputs.name, algo=run.network.algo, dim=run.network.dim, alpha=run.network.alpha,
         preset=network.preset_name(run.network), base_id=models.base_id(s.inputs.base_dir),
         resolution=run.size, epoch=epoch, steps=step, facts={**s.inputs.facts, **training_facts(s)})
-    weights = network.to_kohya_keys(net.state_dict(), s.base.text_encoder)
+    weights = network.kohya_state(net, s.base.text_encoder)
     lora_format.save_lora(weights, path, run.save.precision, metadata)
     return path
 
