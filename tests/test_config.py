@@ -48,6 +48,12 @@ def test_wrong_type_and_cross_field(tmp_path):
     load_project(project(tmp_path, "optimizer: {type: prodigy, lr: 1.0, args: {decouple: true, d_coef: 2}}\n"))
     with pytest.raises(ConfigError, match="cannot be cached"):
         load_project(project(tmp_path, "augment: {color: true}\ntraining: {cache_latents: true}\n"))
+    with pytest.raises(ConfigError, match="dropout is applied by LoRA/LoCon modules only, not loha"):
+        load_project(project(tmp_path, "network: {algo: loha, dropout: 0.1}\n"))
+    with pytest.raises(ConfigError, match="scheduler"):
+        load_project(project(tmp_path, "optimizer: {type: adafactor}\n"))
+    with pytest.raises(ConfigError, match="one learning rate"):
+        load_project(project(tmp_path, "optimizer: {type: prodigy, lr: 1.0, unet_lr: 0.5}\n"))
     with pytest.raises(ConfigError, match="block_dims needs 25 values"):
         load_project(project(tmp_path, "network: {block_dims: [4, 4]}\n"))
     with pytest.raises(ConfigError, match="network.init_weights: file .* does not exist"):

@@ -234,6 +234,16 @@ def test_bf16_mixed_precision_trains_close_to_fp32(trainer):
     assert bf16.metadata()["ss_mixed_precision"] == "bf16"
 
 
+def test_full_bf16_trains_bf16_weights_and_fp16_is_refused_on_the_cpu(trainer):
+    result = trainer.train("full-bf16", {"training": {"max_steps": 3, "mixed_precision": "bf16", "full_precision": True},
+                                         "save": {"precision": "bf16"}})
+    assert all(math.isfinite(r["loss"]) for r in result.records)
+    trainer.write_run("fp16-cpu", {"training": {"mixed_precision": "fp16"}})
+    from lorabake import cli
+    assert cli.main(["--config", str(trainer.project / "configs/config.yaml"), "train", "--run", "fp16-cpu"]) == 2
+    (trainer.project / "configs/runs/fp16-cpu.yaml").unlink()
+
+
 def test_text_options_change_training(trainer):
     plain = trainer.train("text-plain", {"training": {"max_steps": 2}})
     for name, overrides in {"text-skip": {"training": {"clip_skip": 2}},

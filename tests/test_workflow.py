@@ -105,3 +105,11 @@ def test_lora_strength_changes_samples(built_project):
     base = Image.open(samples / "p0-epoch4-s0.png").tobytes()
     full = Image.open(samples / "p0-epoch4-s1.png").tobytes()
     assert base != full
+
+
+def test_sweep_adds_one_train_job_per_point_and_pixel_runs_need_no_latents(project_copy):
+    (project_copy / "configs/runs/sw.yaml").write_text("sweep: {network.dim: [2, 6]}\n")
+    (project_copy / "configs/runs/colors.yaml").write_text("augment: {color: true}\n")
+    jobs = planned_jobs(project_copy)
+    assert runs_of(jobs) == {"sw-dim_2", "sw-dim_6", "colors"}
+    assert "cache_latents" not in rules_of(jobs)  # the sweep reuses the cache; colors reads pixels

@@ -86,7 +86,8 @@ class Network(Strict):
                                   "network_args conv_dim", ge=1)
     conv_alpha: float | None = option(None, "alpha for 3×3 convolutions (default: conv_dim)", "network_args conv_alpha", gt=0)
     factor: int = option(-1, "lokr: Kronecker factor (-1: as balanced as the shape allows)", "network_args factor")
-    dropout: float = option(0.0, "dropout on the update's hidden neurons", "--network_dropout", ge=0.0, lt=1.0)
+    dropout: float = option(0.0, "dropout on the update's output (lora/locon; runs them in lycoris' bypass mode)",
+                            "--network_dropout", ge=0.0, lt=1.0)
     rank_dropout: float = option(0.0, "drops ranks of the update per step", "network_args rank_dropout", ge=0.0, lt=1.0)
     module_dropout: float = option(0.0, "skips a whole module's update per step", "network_args module_dropout",
                                    ge=0.0, lt=1.0)
@@ -128,6 +129,13 @@ class Network(Strict):
                 f"up by {self.alpha / self.dim:g}, which usually makes training unstable",
                 stacklevel=2,
             )
+        # lycoris 4 reads these only in some modules; elsewhere they would be accepted and ignored
+        if self.dropout and self.algo not in ("lora", "locon"):
+            raise ValueError(f"dropout is applied by LoRA/LoCon modules only, not {self.algo}: "
+                             "use module_dropout (or rank_dropout for loha, lokr, glora)")
+        if self.rank_dropout and self.algo not in ("lora", "locon", "loha", "lokr", "glora"):
+            raise ValueError(f"rank_dropout is applied by lora, locon, loha, lokr and glora modules, not {self.algo}: "
+                             "use module_dropout")
         if self.conv_alpha is not None and self.conv_dim is None:
             raise ValueError("conv_alpha is set but conv_dim is not: set conv_dim to train 3×3 convolutions")
         return self

@@ -170,6 +170,8 @@ def lycoris_arguments(cfg: Network) -> dict:
     """The keyword arguments of lycoris.kohya.create_network for this config."""
     extra = {ARG_NAMES.get(key, key): value for key, value in cfg.args.items() if key != "rank_dropout_scale"}
     conv = {"conv_dim": cfg.conv_dim, "conv_alpha": _conv_alpha(cfg)} if cfg.conv_dim is not None else {}
+    if cfg.dropout:  # lycoris' LoCon applies neuron dropout only on its bypass path (same function)
+        extra.setdefault("bypass_mode", True)
     return dict(algo=cfg.algo, dropout=cfg.dropout, rank_dropout=cfg.rank_dropout,
                 module_dropout=cfg.module_dropout, factor=cfg.factor, **conv, **extra)
 

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from lorabake import lora_format, models, network, optim, paths, pivotal, plots, store
-from lorabake.config import RunConfig
+from lorabake.config import ConfigError, RunConfig
 from lorabake.dataset import Dataset
 from lorabake.train import captions, losses, state
 from lorabake.train.data import CachedLatents, PixelLatents
@@ -71,6 +71,10 @@ def setup(inputs: RunInputs) -> Session:
     plan = plan_training(run, inputs.datasets)
     AcceleratorState._reset_state()  # accelerate keeps one global state; each run sets its own precision
     accelerator = Accelerator(mixed_precision=run.training.mixed_precision)
+    if run.training.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        # accelerate would accept it and autocast in float32: an option silently ignored
+        raise ConfigError(f"run {inputs.name}: training.mixed_precision fp16 needs a CUDA device, "
+                          f"this one is {accelerator.device.type}; use bf16 (or no) here")
     parts = ("unet", "text_encoder") if run.caches_latents else ("unet", "text_encoder", "vae")
     base = models.load_base(inputs.base_dir, parts=parts)
     configure_models(base, run)
