@@ -277,6 +277,8 @@ def test_pivotal_tuning_trains_embeddings_for_a_fraction(trainer):
     assert not torch.allclose(vectors[0], initial)  # trained
     lrs = [r["lrs"]["embeddings"] for r in result.records]
     assert len(lrs) == 8
+    trainer.cli("sample", "--run", "pivotal")  # the grid renders with the embeddings installed
+    assert Path(paths.sample_grid("pivotal")).stat().st_size > 0
 
 
 # ---------------------------------------------------------------- step arithmetic
