@@ -307,3 +307,18 @@ def test_kohya_step_arithmetic_matches_the_dataset_report(trainer):
     finally:
         shutil.rmtree(reg.parent)
         (trainer.project / "configs/runs/arith.yaml").unlink()
+
+
+# ---------------------------------------------------------------- data parallel
+
+def test_two_cpu_processes_match_one_with_the_same_global_batch(trainer):
+    one = trainer.train("dp-one", {"training": {"max_steps": 6, "batch_size": 4}})
+    two = trainer.train("dp-two", {"training": {"max_steps": 6, "batch_size": 2, "processes": 2}})
+    assert [r["step"] for r in two.records] == [r["step"] for r in one.records] == list(range(1, 7))
+    for a, b in zip(one.records, two.records):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    w1, w2 = one.weights(), two.weights()
+    # Adam divides by sqrt(v): float-order noise in near-zero gradients shows up, relatively small
+    assert max(((w1[k] - w2[k]).norm() / w1[k].norm()).item() for k in w1 if w1[k].norm() > 0) < 1e-2
+    assert two.metadata()["ss_num_processes"] == "2"
+    assert sorted(p.name for p in (trainer.project / "results/runs/dp-two/epochs").iterdir()) == ["dp-two-e0001.safetensors"]

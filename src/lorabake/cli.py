@@ -37,7 +37,7 @@ def cmd_dataset_report(ws: Workspace, args) -> None:
     runs = {}
     for run in ws.project.runs_using(args.dataset):
         plan, cfg = ws.plan(run), ws.run(run)
-        runs[run] = {"batch_size": cfg.training.batch_size, "grad_accum": cfg.training.grad_accum,
+        runs[run] = {"batch_size": cfg.global_batch, "grad_accum": cfg.training.grad_accum,
                      "epochs": cfg.training.epochs, "max_steps": cfg.training.max_steps}
     report.write_report(ws.dataset(args.dataset), ws.report_spec(args.dataset), runs, Path(paths.dataset_report(args.dataset)))
 
@@ -58,11 +58,52 @@ def cmd_cache_latents(ws: Workspace, args) -> None:
                           meta={"dataset": args.dataset, "spec": args.spec})
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # a free rendezvous port, so parallel jobs do not collide
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _train_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """One data-parallel process: torch.distributed's environment, then the ordinary train command.
+    accelerate reads it and joins the group (NCCL on GPUs, gloo on the CPU)."""
+    import os
+
+    import torch
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    if main(argv) != 0:
+        raise SystemExit(f"training process {rank} failed")
+
+
+def launch_processes(processes: int, argv: list[str]) -> None:
+    """Run `lorabake <argv>` as `processes` data-parallel processes and wait for all of them."""
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(_train_worker, args=(processes, free_port(), argv), nprocs=processes, join=True)
+    except mp.ProcessRaisedException as error:
+        raise TrainingFailed(f"a training process failed: {error}") from None
+    except mp.ProcessExitedException as error:
+        raise TrainingFailed(f"a training process exited: {error}") from None
+
+
 def cmd_train(ws: Workspace, args) -> None:
+    import os
+
     from lorabake import latents
     from lorabake.train.loop import RunInputs, train
 
     run = ws.run(args.run)
+    if run.processes > 1 and "WORLD_SIZE" not in os.environ:
+        print(f"train {args.run}: launching {run.processes} data-parallel processes", flush=True)
+        launch_processes(run.processes, ["--config", args.config, "train", "--run", args.run])
+        return
     datasets = ws.run_datasets(args.run)
     store.write_json(paths.run_config(args.run), {"run": args.run, "config": run.model_dump(mode="json"),
                                                    "params": ws.train_params(args.run)})
@@ -77,6 +118,10 @@ def cmd_train(ws: Workspace, args) -> None:
         Path(paths.run_dir(args.run), folder).mkdir(parents=True, exist_ok=True)
     train(RunInputs(args.run, run, Path(paths.base_dir(run.base)), datasets, indexes, facts,
                     root=ws.project.root, digest=store.digest(ws.train_params(args.run))))
+
+
+class TrainingFailed(RuntimeError):
+    pass
 
 
 def cmd_sample(ws: Workspace, args) -> None:
@@ -157,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         for warning in ws.project.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         args.func(ws, args)
-    except (ConfigError, DatasetError) as e:
+    except (ConfigError, DatasetError, TrainingFailed) as e:
         print(f"lorabake: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -190,6 +190,9 @@ class Training(Strict):
                                                  "or the plain matmul", "--sdpa")
     cache_latents: bool | None = option(None, "encode images once (null: yes unless color/crop augmentation "
                                         "needs the pixels each step)", "--cache_latents")
+    processes: int = option(1, "data-parallel processes (GPUs, or CPU processes with gloo); batch_size is per "
+                            "process, so the global batch is batch_size × processes", "accelerate --num_processes",
+                            ge=1)
     seed: int = option(42, "seed of everything random; same seed, same bytes on the CPU", "--seed")
     clip_skip: int = option(1, "use the text encoder's n-th last layer", "--clip_skip", ge=1)
     max_token_length: Literal[75, 150, 225] = option(75, "caption tokens, encoded in chunks of 75",
@@ -283,6 +286,17 @@ class Pivotal(Strict):
         return token
 
 
+class Resources(Strict):
+    """What a run's train job asks the scheduler for. Not part of the run's identity: changing it
+    never retrains."""
+
+    gpu: int = option(0, "GPUs for the train job (SLURM --gres=gpu:N); > 1 also means processes = gpu", ge=0)
+    mem_mb: int = option(8000, "memory for the train job in MB", ge=100)
+    runtime: int = option(240, "wall-clock limit of the train job in minutes", ge=1)
+    threads: int = option(1, "CPU threads of the train job (also OMP_NUM_THREADS; bytes depend on it on the CPU)",
+                          ge=1)
+
+
 class RunConfig(Strict):
     base: str = option("tiny", "key of config.yaml bases")
     datasets: list[str] = option(..., "keys of config.yaml datasets", "--train_data_dir", min_length=1)
@@ -297,6 +311,7 @@ class RunConfig(Strict):
     augment: Augment = option(Augment, "augmentation")
     save: Save = option(Save, "what is saved, when")
     pivotal: Pivotal | None = option(None, "pivotal tuning: textual-inversion tokens trained with the LoRA")
+    resources: Resources = option(Resources, "scheduler resources of this run's train job (not hashed)")
 
     @field_validator("resolution")
     @classmethod
@@ -329,6 +344,19 @@ class RunConfig(Strict):
         if self.training.stop_text_encoder_at is not None and not self.network.train_text_encoder:
             raise ValueError("training.stop_text_encoder_at is set but network.train_text_encoder is false")
         return self
+
+    @property
+    def processes(self) -> int:
+        """Data-parallel processes: training.processes, or one per GPU when the job asks for several."""
+        return max(self.training.processes, self.resources.gpu)
+
+    @property
+    def global_batch(self) -> int:
+        return self.training.batch_size * self.processes
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the run's bytes (everything but scheduler resources), JSON-able."""
+        return {**self.model_dump(mode="json", exclude={"resources"}), "processes": self.processes}
 
     @property
     def caches_latents(self) -> bool:

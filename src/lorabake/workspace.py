@@ -99,7 +99,7 @@ class Workspace:
 
     def train_params(self, run: str) -> dict:
         """Everything besides input files that decides a run's bytes: rebuild when it changes."""
-        resolved = self.run(run).model_dump(mode="json")
+        resolved = self.run(run).identity()
         return {"config": store.digest(resolved), "captions": self.caption_digests(run),
                 "trainer_version": TRAINER_VERSION * 1000 + self.project.file.trainer_version}
 

@@ -60,6 +60,14 @@ class Session:
     def run(self) -> RunConfig:
         return self.inputs.run
 
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
 
 # ---------------------------------------------------------------- set-up
 
@@ -71,6 +79,9 @@ def setup(inputs: RunInputs) -> Session:
     plan = plan_training(run, inputs.datasets)
     AcceleratorState._reset_state()  # accelerate keeps one global state; each run sets its own precision
     accelerator = Accelerator(mixed_precision=run.training.mixed_precision)
+    if accelerator.num_processes != run.processes:
+        raise ConfigError(f"run {inputs.name} wants {run.processes} process(es) but runs in {accelerator.num_processes}: "
+                          "start it with `lorabake train`, which launches the processes itself")
     if run.training.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         # accelerate would accept it and autocast in float32: an option silently ignored
         raise ConfigError(f"run {inputs.name}: training.mixed_precision fp16 needs a CUDA device, "
@@ -143,7 +154,7 @@ def step_schedule(run: RunConfig, entries: list[Entry], plan: TrainingPlan) -> I
     (seed, epoch), and every grad_accum batches make one step."""
     step, accum = 0, run.training.grad_accum
     for epoch in range(1, plan.epochs + 1):
-        epoch_batches = batches(list(entries), run.training.batch_size, random.Random(f"{run.training.seed}:epoch:{epoch}"))
+        epoch_batches = batches(list(entries), run.global_batch, random.Random(f"{run.training.seed}:epoch:{epoch}"))
         for start in range(0, len(epoch_batches), accum):
             step += 1
             if step > plan.total_steps:
@@ -183,29 +194,69 @@ def caption_of(entry: Entry, run: RunConfig, rng: random.Random, epoch: int) -> 
 # ---------------------------------------------------------------- one step
 
 def micro_batch_loss(s: Session, batch: list[Entry], epoch: int, step: int,
-                     rng: random.Random, generator: torch.Generator) -> torch.Tensor:
+                     rng: random.Random, generator: torch.Generator) -> torch.Tensor | None:
+    """This process's share of the batch's mean loss (the whole mean with one process); None when
+    its share is empty. Every process draws the whole batch's randomness, then keeps its slice, so N
+    processes see exactly what one process with the same global batch sees."""
     run, base, device = s.run, s.base, s.accelerator.device
     schedule = base.noise_scheduler
+    mine = slice(s.accelerator.process_index, None, s.world)
     # Fetch the latents: cached ones, or encoded now from augmented pixels.
-    latents = s.latents_of(batch, rng).to(device)
-    # Caption as this epoch sees it (shuffled, dropped, pivotal tokens in), then encode it; the text
-    # encoder builds a graph only while something in it trains.
+    latents = s.latents_of(batch, rng)
+    # Caption as this epoch sees it (shuffled, dropped, pivotal tokens in).
     texts = [caption_of(entry, run, rng, epoch) for entry in batch]
+    # Sample noise (offset / multires as configured) and a timestep per image.
+    noise = losses.sample_noise(latents, run.loss, generator)
+    timesteps = torch.randint(0, schedule.config.num_train_timesteps, (len(batch),), generator=generator)
+    latents, noise, timesteps, texts = latents[mine].to(device), noise[mine].to(device), timesteps[mine].to(device), texts[mine]
+    if not texts:
+        return None
+    # Encode the captions; the text encoder builds a graph only while something in it trains.
     grads = text_encoder_trains(run, step, s.plan.total_steps) or embeddings_train(run, step, s.plan.total_steps)
     with torch.set_grad_enabled(grads), s.accelerator.autocast():
         text = captions.encode_captions(base.tokenizer, base.text_encoder, texts,
                                         max_token_length=run.training.max_token_length,
                                         clip_skip=run.training.clip_skip, weighted=run.captions.weighted)
-    # Sample noise (offset / multires as configured) and a timestep per image; noise the latents.
-    noise = losses.sample_noise(latents, run.loss, generator)
-    timesteps = torch.randint(0, schedule.config.num_train_timesteps, (len(batch),), generator=generator).to(device)
+    # Noise the latents; predict the noise (or the velocity) and regress on it, weighted per image.
     noisy_latents = schedule.add_noise(latents, noise, timesteps)
-    # Predict the noise (or the velocity) and regress on it, weighted per image (prior loss, min-SNR).
     target = noise if s.prediction == "epsilon" else schedule.get_velocity(latents, noise, timesteps)
     with s.accelerator.autocast():
         prediction = base.unet(noisy_latents, timesteps, text).sample
-    is_reg = torch.tensor([entry.item.is_reg for entry in batch], device=device)
-    return losses.training_loss(prediction, target, timesteps, is_reg, run.loss, schedule, s.prediction)
+    is_reg = torch.tensor([entry.item.is_reg for entry in batch[mine]], device=device)
+    loss = losses.training_loss(prediction, target, timesteps, is_reg, run.loss, schedule, s.prediction)
+    return loss if s.world == 1 else loss * (len(texts) / len(batch))
+
+
+def trainable(s: Session) -> list[torch.nn.Parameter]:
+    return [p for group in s.optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+
+def all_reduce_gradients(s: Session) -> None:
+    """Sum every process's gradient share (manual data parallelism: no DDP wrapper around lycoris'
+    hooks). A parameter no process produced a gradient for stays without one, as with one process."""
+    import torch.distributed as dist
+
+    params = trainable(s)
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=s.accelerator.device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    params = [p for p, flag in zip(params, has_grad.tolist()) if flag]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten().float() for p in params])
+    dist.all_reduce(flat)
+    for p, part in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(part.view_as(p.grad))
+
+
+def global_sum(s: Session, value: float) -> float:
+    if s.world == 1:
+        return value
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.float64, device=s.accelerator.device)
+    dist.all_reduce(total)
+    return total.item()
 
 
 def train_step(s: Session, epoch: int, step: int, micro_batches: list[list[Entry]]) -> dict:
@@ -214,13 +265,16 @@ def train_step(s: Session, epoch: int, step: int, micro_batches: list[list[Entry
     total = 0.0
     for batch in micro_batches:  # gradient accumulation: average the micro-batches' gradients
         loss = micro_batch_loss(s, batch, epoch, step, rng, generator)
-        s.accelerator.backward(loss / len(micro_batches))
-        total += loss.item() / len(micro_batches)
+        if loss is not None:
+            s.accelerator.backward(loss / len(micro_batches))
+            total += loss.item() / len(micro_batches)
+    if s.world > 1:
+        all_reduce_gradients(s)
     lrs = optim.effective_lrs(s.optimizer.optimizer)  # before the step: the lr this step used
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
-    record = {"step": step, "epoch": epoch, "loss": total, "lr": lrs[0],
+    record = {"step": step, "epoch": epoch, "loss": global_sum(s, total), "lr": lrs[0],
               "lrs": {g.get("name", str(i)): lr for i, (g, lr) in enumerate(zip(s.optimizer.param_groups, lrs))}}
     if s.run.loss.scale_weight_norms is not None:
         scaled, mean_norm, max_norm = losses.scale_weight_norms(s.net, s.run.loss.scale_weight_norms)
@@ -234,7 +288,8 @@ def train(inputs: RunInputs) -> list[dict]:
     s = setup(inputs)
     start = resume(s)
     entries = epoch_entries(s.run, inputs.datasets)
-    progress = tqdm(total=s.plan.total_steps, initial=start, desc=f"train {inputs.name}", unit="step")
+    progress = tqdm(total=s.plan.total_steps, initial=start, desc=f"train {inputs.name}", unit="step",
+                    disable=not s.is_main)
     for epoch, step, micro_batches in step_schedule(s.run, entries, s.plan):
         if step <= start:
             continue
@@ -242,12 +297,15 @@ def train(inputs: RunInputs) -> list[dict]:
         s.records.append(record)
         progress.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}")
         progress.update()
-        save_due(s, epoch, step)
+        if s.is_main:  # every process holds the same weights; one writes them
+            save_due(s, epoch, step)
     progress.close()
-    if s.embeddings is not None:
-        save_embeddings(s)
-    save_checkpoint(s, s.plan.epochs, s.plan.total_steps, paths.run_lora(inputs.name))
-    write_logs(inputs.name, s.records, s.plan)
+    if s.is_main:
+        if s.embeddings is not None:
+            save_embeddings(s)
+        save_checkpoint(s, s.plan.epochs, s.plan.total_steps, paths.run_lora(inputs.name))
+        write_logs(inputs.name, s.records, s.plan)
+    s.accelerator.wait_for_everyone()
     return s.records
 
 
@@ -288,7 +346,7 @@ def training_facts(s: Session) -> dict[str, str]:
     """kohya's `ss_*` training facts for the metadata."""
     run, opt = s.run, s.run.optimizer
     return {"ss_num_epochs": str(s.plan.epochs), "ss_max_train_steps": str(s.plan.total_steps),
-            "ss_batch_size_per_device": str(run.training.batch_size),
+            "ss_batch_size_per_device": str(run.training.batch_size), "ss_num_processes": str(run.processes),
             "ss_gradient_accumulation_steps": str(run.training.grad_accum),
             "ss_learning_rate": f"{opt.lr:g}", "ss_unet_lr": f"{opt.unet_lr or opt.lr:g}",
             "ss_text_encoder_lr": f"{opt.text_encoder_lr or opt.lr:g}", "ss_seed": str(run.training.seed),

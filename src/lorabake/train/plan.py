@@ -56,7 +56,7 @@ def plan_training(run: RunConfig, datasets: dict[str, Dataset]) -> TrainingPlan:
     """kohya's arithmetic: images × repeats (reg entries doubling it) → bucket batches → optimizer
     steps of grad_accum batches each, × epochs, cut at max_steps."""
     counts = Counter(entry.bucket for entry in epoch_entries(run, datasets))
-    steps_per_epoch = bucket_steps(counts, run.training.batch_size, run.training.grad_accum)
+    steps_per_epoch = bucket_steps(counts, run.global_batch, run.training.grad_accum)
     total = steps_per_epoch * run.training.epochs
     if run.training.max_steps is not None:
         total = min(total, run.training.max_steps)
