@@ -61,6 +61,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 MpiDefault=none
+MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -112,13 +113,18 @@ make_gpu_files() {
     done
 }
 
+# A pid file counts only while its process is that daemon: a stale pid reused by another program
+# must never be signalled.
 is_running() {  # name
     local pidfile=$SCRATCH/$1.pid
-    [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+    [ -f "$pidfile" ] && [ "$(cat "/proc/$(cat "$pidfile")/comm" 2>/dev/null)" = "$1" ]
 }
+
+munge_works() { munge -n 2>/dev/null | unmunge > /dev/null 2>&1; }
 
 start_munge() {
     is_running munged && return
+    munge_works && return  # a munged of the system's is just as good
     install -d -o munge -g munge -m 0755 /run/munge
     install -d -o munge -g munge -m 0700 "$SCRATCH/munge"
     [ -f /etc/munge/munge.key ] || setpriv --reuid=munge --regid=munge --init-groups mungekey --create
@@ -127,23 +133,40 @@ start_munge() {
         --pid-file="$SCRATCH/munge/munged.pid" --log-file="$SCRATCH/munge/munged.log" \
         --seed-file="$SCRATCH/munge/munged.seed"
     ln -sf "$SCRATCH/munge/munged.pid" "$SCRATCH/munged.pid"
+    wait_for_pid munged
 }
 
-# Both daemons fork into the background and write the pid files named in slurm.conf.
-start_slurm() {
-    is_running slurmctld || slurmctld -i
-    is_running slurmd || slurmd
-}
-
-wait_until_idle() {
+# The daemons fork into the background and write their pid files a moment later.
+wait_for_pid() {  # name
     local tries
-    for ((tries = 0; tries < 60; tries++)); do
-        if sinfo -h -n "$NODE" -o %T 2>/dev/null | grep -qE "^(idle|mixed|allocated)"; then
+    for ((tries = 0; tries < 40; tries++)); do
+        is_running "$1" && return
+        sleep 0.25
+    done
+    show_logs
+    die "$1 did not start"
+}
+
+start_slurm() {
+    is_running slurmctld || { slurmctld -i; wait_for_pid slurmctld; }
+    is_running slurmd || { slurmd; wait_for_pid slurmd; }
+}
+
+show_logs() { tail -n 20 "$SCRATCH/slurmctld.log" "$SCRATCH/slurmd.log" >&2 || true; }
+
+# sinfo itself retries for a long while when slurmctld is down, hence the timeout and pid checks.
+wait_until_idle() {
+    local deadline=$((SECONDS + 30)) name
+    while ((SECONDS < deadline)); do
+        for name in slurmctld slurmd; do
+            is_running "$name" || { show_logs; die "$name exited during start"; }
+        done
+        if timeout 5 sinfo -h -n "$NODE" -o %T 2>/dev/null | grep -qE "^(idle|mixed|allocated)"; then
             return
         fi
         sleep 0.5
     done
-    tail -n 20 "$SCRATCH/slurmctld.log" "$SCRATCH/slurmd.log" >&2 || true
+    show_logs
     die "node $NODE did not become idle within 30 s"
 }
 

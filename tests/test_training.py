@@ -210,7 +210,7 @@ def test_color_and_crop_augmentation_read_pixels_instead_of_latents(trainer):
     assert len(result.records) == 8
     from lorabake.workspace import Workspace
     ws = Workspace.load(trainer.project / "configs/config.yaml")
-    assert ws.latent_indexes("color") == {} and ws.pixel_inputs("color")
+    assert ws.latent_indexes("color") == {} and ws.train_params("color")["images"]["demo"]
 
 
 def test_gradient_checkpointing_gives_the_same_training(trainer):

@@ -8,6 +8,7 @@ step grid.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ def bucket_resolutions(spec: BucketSpec) -> list[tuple[int, int]]:
     return sorted(resolutions)
 
 
+@functools.lru_cache(maxsize=65536)  # a farm has thousands of images of a few sizes
 def place(width: int, height: int, spec: BucketSpec) -> Placement:
     """Choose the bucket for an image of this size and how to resize and crop it into the bucket."""
     if not spec.enabled:

@@ -6,11 +6,16 @@ images. An image without a caption file is captioned with its concept (kohya's "
 
 Every problem is collected and reported in one error that names each offending path and says what
 to do, so a user fixes a dataset in one pass instead of meeting its problems one run at a time.
+
+Snakemake scans every dataset on every parse; given a cache folder, what each file gave is kept
+there and read back while the file is unchanged (lorabake.scan_cache), so a parse of an unchanged
+dataset stats its files but opens none.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -19,6 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from lorabake import store
+from lorabake.scan_cache import ImageFacts, ScanCache
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REG_FOLDER = "reg"
@@ -66,9 +72,25 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def _is_image_name(name: str) -> bool:
+    """`is_image` for the name of a visible file (a name starting with a dot never gets here)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _stem(name: str) -> str:
+    return name.rpartition(".")[0] or name
+
+
 def _visible(folder: Path) -> list[Path]:
     """Folder entries minus hidden ones (.DS_Store, .ipynb_checkpoints, editor swap files)."""
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    return [Path(entry.path) for entry in _visible_entries(folder)]
+
+
+def _visible_entries(folder: Path) -> list[os.DirEntry]:
+    """`_visible` as directory entries, sorted by name: they know their type without a stat call,
+    which matters in folders of thousands of images listed on every Snakemake parse."""
+    with os.scandir(folder) as entries:
+        return sorted((entry for entry in entries if not entry.name.startswith(".")), key=lambda e: e.name)
 
 
 def _require_root(root: Path) -> None:
@@ -96,10 +118,10 @@ def image_files(root: Path) -> list[Path]:
     root = Path(root)
     _require_root(root)
     return sorted(
-        path
+        Path(entry.path)
         for folder, _ in _image_folders(root)
-        for path in _visible(folder)
-        if path.is_file() and is_image(path)
+        for entry in _visible_entries(folder)
+        if _is_image_name(entry.name) and entry.is_file()
     )
 
 
@@ -125,17 +147,23 @@ class _Problems:
         raise DatasetError("\n".join(lines))
 
 
-def scan_dataset(root: Path, name: str, caption_extension: str = ".txt") -> Dataset:
-    """Read and validate a whole dataset folder; raise one DatasetError listing every problem."""
+def scan_dataset(root: Path, name: str, caption_extension: str = ".txt",
+                 cache_dir: Path | None = None) -> Dataset:
+    """Read and validate a whole dataset folder; raise one DatasetError listing every problem.
+
+    With `cache_dir`, what each file gave is remembered in `<cache_dir>/<name>.json` and reused
+    while the file's size and mtime stay the same (lorabake.scan_cache)."""
     root = Path(root)
     _require_root(root)
     root = root.resolve()
     caption_extension = caption_extension if caption_extension.startswith(".") else f".{caption_extension}"
+    cache = ScanCache.open(root, Path(cache_dir) / f"{name}.json" if cache_dir is not None else None)
     problems = _Problems()
     _check_loose_files(root, problems)
     items = []
     for folder, is_reg in _image_folders(root):
-        items += _scan_folder(folder, root, is_reg, caption_extension.lower(), problems)
+        items += _scan_folder(folder, root, is_reg, caption_extension.lower(), cache, problems)
+    cache.save()  # before raising: the files that were fine need not be read again after a fix
     if not any(not item.is_reg for item in items):
         problems.add("no training images; add images to <root>/<repeats>_<concept>/", str(root))
     problems.raise_if_any(root)
@@ -167,62 +195,79 @@ def _parse_folder_name(folder: Path, problems: _Problems) -> tuple[int, str]:
     return repeats, concept
 
 
-def _scan_folder(folder: Path, root: Path, is_reg: bool, caption_extension: str,
+def _scan_folder(folder: Path, root: Path, is_reg: bool, caption_extension: str, cache: ScanCache,
                  problems: _Problems) -> list[ImageItem]:
     repeats, concept = _parse_folder_name(folder, problems)
+    folder_rel = folder.relative_to(root).as_posix()
     images, captions = _pair_files(folder, caption_extension, problems)
     items = []
-    for path in images:
-        size = _image_size(path, problems)
-        caption_path = captions.get(path.stem)
-        caption = _read_caption(caption_path, problems) if caption_path else concept
-        if size is not None and caption is not None:
+    for image in images:
+        rel = f"{folder_rel}/{image.name}"
+        facts = _image_facts(image, rel, cache, problems)
+        caption_file = captions.get(_stem(image.name))
+        caption = (_caption_text(caption_file, f"{folder_rel}/{caption_file.name}", cache, problems)
+                   if caption_file else concept)
+        if facts is not None and caption is not None:
             items.append(ImageItem(
-                path=path, rel=path.relative_to(root).as_posix(),
-                folder=folder.relative_to(root).as_posix(), repeats=repeats, concept=concept,
-                caption=caption, has_caption_file=caption_path is not None, is_reg=is_reg,
-                width=size[0], height=size[1]))
+                path=Path(image.path), rel=rel, folder=folder_rel,
+                repeats=repeats, concept=concept, caption=caption,
+                has_caption_file=caption_file is not None, is_reg=is_reg,
+                width=facts.width, height=facts.height))
     return items
 
 
 def _pair_files(folder: Path, caption_extension: str,
-                problems: _Problems) -> tuple[list[Path], dict[str, Path]]:
+                problems: _Problems) -> tuple[list[os.DirEntry], dict[str, os.DirEntry]]:
     """The folder's images and its captions keyed by stem; anything else is a problem."""
-    entries = _visible(folder)
-    images = [p for p in entries if p.is_file() and is_image(p)]
-    captions = {p.name[: -len(caption_extension)]: p
-                for p in entries if p.is_file() and p.name.lower().endswith(caption_extension)}
-    caption_paths = set(captions.values())
-    for path in entries:
-        if path.is_dir():
+    images, captions = [], {}
+    for entry in _visible_entries(folder):
+        is_file = entry.is_file()
+        if is_file and _is_image_name(entry.name):
+            images.append(entry)
+        elif is_file and entry.name.lower().endswith(caption_extension):
+            captions[entry.name[: -len(caption_extension)]] = entry
+        elif entry.is_dir():
             problems.add("folders inside an image folder, which kohya does not read; move their "
-                         "images up or delete them", str(path))
-        elif not is_image(path) and path not in caption_paths:
+                         "images up or delete them", entry.path)
+        elif not _is_image_name(entry.name):
             problems.add(f"unsupported files (images must be {', '.join(IMAGE_EXTENSIONS)}; captions "
-                         f"must end in {caption_extension}); convert, rename or delete them", str(path))
-    image_stems = {p.stem for p in images}
-    for stem, path in captions.items():
+                         f"must end in {caption_extension}); convert, rename or delete them", entry.path)
+    image_stems = {_stem(entry.name) for entry in images}
+    for stem, entry in captions.items():
         if stem not in image_stems:
             problems.add("orphan captions with no image of the same name; add the image or delete "
-                         "the caption", str(path))
+                         "the caption", entry.path)
     return images, captions
 
 
-def _image_size(path: Path, problems: _Problems) -> tuple[int, int] | None:
-    """Size of a decodable image; a corrupt one is recorded as a problem.
+def _image_facts(image: os.DirEntry, rel: str, cache: ScanCache, problems: _Problems) -> ImageFacts | None:
+    """Upright size and content hash of a decodable image, remembered or read; a corrupt image is
+    recorded as a problem. The stat is taken before the read, so a file changing meanwhile only
+    gets read again next time."""
+    stat = image.stat()
+    facts = cache.image(rel, stat)
+    if facts is None:
+        try:
+            facts = read_image_facts(Path(image.path))
+        except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError … by format
+            problems.add("unreadable or corrupt images; re-export or delete them", f"{image.path} ({error})")
+            return None
+        cache.remember_image(rel, stat, facts)
+    return facts
+
+
+def read_image_facts(path: Path) -> ImageFacts:
+    """Decode an image in full and hash its bytes; raise if it is corrupt.
 
     `verify` checks structure and checksums but not that all pixel data is there, so the image is
-    also decoded in full to catch truncated files. Pillow raises OSError, SyntaxError, ValueError
-    and more depending on the format, hence the broad except."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-        with Image.open(path) as image:
-            image.load()
-            return upright_size(image)
-    except Exception as error:
-        problems.add("unreadable or corrupt images; re-export or delete them", f"{path} ({error})")
-        return None
+    also decoded in full to catch truncated files. Pillow opens the path itself, so its errors
+    name the file."""
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        image.load()
+        width, height = upright_size(image)
+    return ImageFacts(width, height, store.file_sha256(path))
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:
@@ -231,12 +276,18 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return (image.height, image.width) if orientation in (5, 6, 7, 8) else image.size
 
 
-def _read_caption(path: Path, problems: _Problems) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError:
-        problems.add("captions that are not UTF-8 text; re-save them as UTF-8", str(path))
-        return None
+def _caption_text(caption_file: os.DirEntry, rel: str, cache: ScanCache, problems: _Problems) -> str | None:
+    """The caption as written (stripped), remembered or read; normalizing is left to the digest."""
+    stat = caption_file.stat()
+    text = cache.caption(rel, stat)
+    if text is None:
+        try:
+            text = Path(caption_file.path).read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            problems.add("captions that are not UTF-8 text; re-save them as UTF-8", caption_file.path)
+            return None
+        cache.remember_caption(rel, stat, text)
+    return text
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ declares and what its job does cannot disagree.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -13,7 +12,8 @@ from pathlib import Path
 from lorabake import paths, store
 from lorabake.buckets import BucketSpec
 from lorabake.config import Project, RunConfig, load_project
-from lorabake.dataset import Dataset, caption_digest, image_files, scan_dataset
+from lorabake.scan_cache import image_sha256
+from lorabake.dataset import Dataset, caption_digest, scan_dataset
 from lorabake.train.plan import TrainingPlan, kept_epochs, plan_training
 
 TRAINER_VERSION = 2  # bump when training semantics change: every run retrains
@@ -35,6 +35,8 @@ class Workspace:
     def __init__(self, project: Project):
         self.project = project
         self._datasets: dict[str, Dataset] = {}
+        self._plans: dict[str, TrainingPlan] = {}
+        self._image_digests: dict[str, str] = {}
 
     @classmethod
     def load(cls, config_file: str | Path = "configs/config.yaml") -> "Workspace":
@@ -44,17 +46,13 @@ class Workspace:
     def dataset(self, name: str, caption_extension: str = ".txt") -> Dataset:
         key = f"{name}{caption_extension}"
         if key not in self._datasets:
-            self._datasets[key] = scan_dataset(self.project.dataset_root(name), name, caption_extension)
+            self._datasets[key] = scan_dataset(self.project.dataset_root(name), name, caption_extension,
+                                                 cache_dir=self.project.root / "results/cache/scan")
         return self._datasets[key]
 
     def run_datasets(self, run: str) -> dict[str, Dataset]:
         cfg = self.project.runs[run]
         return {ds: self.dataset(ds, cfg.captions.extension) for ds in cfg.datasets}
-
-    def images(self, dataset: str) -> list[str]:
-        """The dataset's image files, relative to the project root, so a moved project stays built."""
-        root = self.project.dataset_root(dataset)
-        return [os.path.relpath(p, self.project.root) for p in image_files(root)]
 
     # ------------------------------------------------------------ latents
     def latent_job(self, run: str, dataset: str) -> LatentJob:
@@ -78,18 +76,23 @@ class Workspace:
             return {}
         return {ds: paths.latent_index(ds, self.latent_job(run, ds).name) for ds in self.project.runs[run].datasets}
 
-    def pixel_inputs(self, run: str) -> list[str]:
-        """Images a run reads directly (no latent cache): its inputs instead of latent indexes."""
-        if self.run(run).caches_latents:
-            return []
-        return [image for ds in self.run(run).datasets for image in self.images(ds)]
+    def image_digest(self, dataset: str) -> str:
+        """Digest of a dataset's image contents (sha256 per image, from the scan cache): jobs that read
+        images take it as a param instead of 20,000 input files, so an added, removed or changed image
+        reruns them and a `touch` does not."""
+        if dataset not in self._image_digests:
+            items = self.dataset(dataset).items
+            self._image_digests[dataset] = store.digest([(item.rel, image_sha256(item.path)) for item in items])
+        return self._image_digests[dataset]
 
     # ------------------------------------------------------------ training
     def run(self, name: str) -> RunConfig:
         return self.project.runs[name]
 
     def plan(self, run: str) -> TrainingPlan:
-        return plan_training(self.run(run), self.run_datasets(run))
+        if run not in self._plans:
+            self._plans[run] = plan_training(self.run(run), self.run_datasets(run))
+        return self._plans[run]
 
     def epoch_files(self, run: str) -> list[str]:
         return [paths.epoch_lora(run, e) for e in kept_epochs(self.run(run), self.plan(run))]
@@ -101,6 +104,7 @@ class Workspace:
         """Everything besides input files that decides a run's bytes: rebuild when it changes."""
         resolved = self.run(run).identity()
         return {"config": store.digest(resolved), "captions": self.caption_digests(run),
+                "images": {} if self.run(run).caches_latents else {ds: self.image_digest(ds) for ds in self.run(run).datasets},
                 "trainer_version": TRAINER_VERSION * 1000 + self.project.file.trainer_version}
 
     def report_params(self, dataset: str) -> dict:

@@ -5,7 +5,9 @@ rule base_model:
         spec=lambda w: WS.project.file.bases[w.base].model_dump(mode="json"),
     log:
         "logs/base_model/{base}.log",
+    threads: 1
     resources:
+        gpu=0,
         mem_mb=4000,
         runtime=30,
     shell:

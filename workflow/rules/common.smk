@@ -50,8 +50,8 @@ def get_all_targets():
     return targets
 
 
-def get_dataset_images(wildcards):
-    return WS.images(wildcards.ds)
+def get_image_digest(wildcards):
+    return WS.image_digest(wildcards.ds)
 
 
 def get_latent_base(wildcards):
@@ -64,7 +64,7 @@ def get_latent_base(wildcards):
 def get_train_inputs(wildcards):
     run = WS.run(wildcards.run)
     inputs = {"base": paths.base_json(run.base), "latents": list(WS.latent_indexes(wildcards.run).values()),
-              "images": WS.pixel_inputs(wildcards.run)}
+}
     if run.network.init_weights:
         inputs["init_weights"] = run.network.init_weights
     return inputs
@@ -103,3 +103,14 @@ def get_extract(wildcards):
 def get_extract_inputs(wildcards):
     extract = get_extract(wildcards)
     return {"base": paths.base_json(extract.base), "tuned": paths.merged(extract.tuned)}
+
+
+def get_train_threads(wildcards):
+    return WS.run(wildcards.run).resources.threads
+
+
+def get_latent_gpu(wildcards):
+    """One GPU for encoding when any run using this cache trains on GPUs; none otherwise."""
+    users = [run for run, cfg in WS.project.runs.items()
+             if wildcards.ds in cfg.datasets and WS.latent_job(run, wildcards.ds).name == wildcards.spec]
+    return min(1, max((WS.run(run).resources.gpu for run in users), default=0))

@@ -1,13 +1,16 @@
 # Captions are deliberately not inputs here: editing one never re-encodes a latent.
 rule cache_latents:
     input:
-        images=get_dataset_images,
         base=get_latent_base,
     output:
         index="results/latents/{ds}/{spec}/index.json",
+    params:
+        images=get_image_digest,
     log:
         "logs/cache_latents/{ds}/{spec}.log",
+    threads: 1
     resources:
+        gpu=get_latent_gpu,
         mem_mb=8000,
         runtime=60,
     shell:

@@ -7,7 +7,9 @@ rule merge:
         spec=lambda w: get_merge(w).model_dump(mode="json"),
     log:
         "logs/merge/{name}.log",
+    threads: 1
     resources:
+        gpu=0,
         mem_mb=8000,
         runtime=30,
     shell:
@@ -23,7 +25,9 @@ rule extract:
         spec=lambda w: get_extract(w).model_dump(mode="json"),
     log:
         "logs/extract/{name}.log",
+    threads: 1
     resources:
+        gpu=0,
         mem_mb=8000,
         runtime=30,
     shell:

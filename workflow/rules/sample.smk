@@ -10,7 +10,9 @@ rule sample_grid:
         samples=get_sample_params,
     log:
         "logs/sample_grid/{run}.log",
+    threads: 1
     resources:
+        gpu=lambda w: min(1, WS.run(w.run).resources.gpu),
         mem_mb=8000,
         runtime=60,
     shell:

@@ -14,8 +14,10 @@ rule train:
         digest=get_train_params,
     log:
         "logs/train/{run}.log",
+    threads: get_train_threads
     resources:
-        mem_mb=8000,
-        runtime=240,
+        gpu=lambda w: WS.run(w.run).resources.gpu,
+        mem_mb=lambda w: WS.run(w.run).resources.mem_mb,
+        runtime=lambda w: WS.run(w.run).resources.runtime,
     shell:
         "{LORABAKE} train --run {wildcards.run} > {log} 2>&1"

@@ -55,7 +55,11 @@ def batches(entries: list[Entry], batch_size: int, rng: random.Random) -> list[l
 def plan_training(run: RunConfig, datasets: dict[str, Dataset]) -> TrainingPlan:
     """kohya's arithmetic: images × repeats (reg entries doubling it) → bucket batches → optimizer
     steps of grad_accum batches each, × epochs, cut at max_steps."""
-    counts = Counter(entry.bucket for entry in epoch_entries(run, datasets))
+    spec = run.bucket_spec()  # counted per image size: a farm's 20,000 images have few sizes
+    sizes = Counter((item.width, item.height) for name in run.datasets for item in epoch_items(datasets[name]))
+    counts = Counter()
+    for (width, height), n in sizes.items():
+        counts[buckets.place(width, height, spec).bucket] += n
     steps_per_epoch = bucket_steps(counts, run.global_batch, run.training.grad_accum)
     total = steps_per_epoch * run.training.epochs
     if run.training.max_steps is not None:
