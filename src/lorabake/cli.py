@@ -36,7 +36,7 @@ def cmd_dataset_report(ws: Workspace, args) -> None:
 
     runs = {}
     for run in ws.project.runs_using(args.dataset):
-        plan, cfg = ws.plan(run), ws.run(run)
+        cfg = ws.run(run)
         runs[run] = {"batch_size": cfg.global_batch, "grad_accum": cfg.training.grad_accum,
                      "epochs": cfg.training.epochs, "max_steps": cfg.training.max_steps}
     report.write_report(ws.dataset(args.dataset), ws.report_spec(args.dataset), runs, Path(paths.dataset_report(args.dataset)))
@@ -105,19 +105,19 @@ def cmd_train(ws: Workspace, args) -> None:
         launch_processes(run.processes, ["--config", args.config, "train", "--run", args.run])
         return
     datasets = ws.run_datasets(args.run)
+    params = ws.train_params(args.run)
     store.write_json(paths.run_config(args.run), {"run": args.run, "config": run.model_dump(mode="json"),
-                                                   "params": ws.train_params(args.run)})
+                                                   "params": params})
     tags = {ds: dict(Counter(t for item in d.train_items for t in split_tags(item.caption)).most_common())
             for ds, d in datasets.items()}
     facts = {"ss_tag_frequency": tags, "ss_num_train_images": str(sum(len(d.train_items) for d in datasets.values())),
              "ss_num_reg_images": str(sum(len(d.reg_items) for d in datasets.values())),
-             "lorabake_config_digest": ws.train_params(args.run)["config"],
-             "lorabake_caption_digests": ws.caption_digests(args.run)}
+             "lorabake_config_digest": params["config"], "lorabake_caption_digests": params["captions"]}
     indexes = {ds: latents.read_index(Path(p)) for ds, p in ws.latent_indexes(args.run).items()}
     for folder in ("epochs", "steps"):
         Path(paths.run_dir(args.run), folder).mkdir(parents=True, exist_ok=True)
     train(RunInputs(args.run, run, Path(paths.base_dir(run.base)), datasets, indexes, facts,
-                    root=ws.project.root, digest=store.digest(ws.train_params(args.run))))
+                    root=ws.project.root, digest=store.digest(params)))
 
 
 class TrainingFailed(RuntimeError):
