@@ -279,6 +279,11 @@ def _check_pairing(scheduler_type: str, warmup: float, optimizer_name: str, adaf
         raise ValueError(f"scheduler {scheduler_type} has no warm-up (warmup={warmup:g}): {hint}, or set warmup to 0")
 
 
+def warmup_steps(warmup: float, total_steps: int) -> int:
+    """Warm-up steps of a warm-up given as a fraction of the run (rounded; kohya truncates)."""
+    return round(warmup * total_steps)
+
+
 def make_scheduler(type: str, optimizer, total_steps: int, warmup: float, cycles: int = 1, power: float = 1.0):
     """A torch LR scheduler, stepped once per optimizer step. Warm-up lasts round(warmup × total_steps)
     steps; `cycles` is for cosine_with_restarts, `power` for polynomial (which ends at diffusers' 1e-7)."""
@@ -292,7 +297,7 @@ def make_scheduler(type: str, optimizer, total_steps: int, warmup: float, cycles
         return AdafactorSchedule(optimizer, initial_lr=effective_lrs(optimizer)[0])
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(type, optimizer, num_warmup_steps=round(warmup * total_steps),
+    return get_scheduler(type, optimizer, num_warmup_steps=warmup_steps(warmup, total_steps),
                          num_training_steps=total_steps, num_cycles=cycles, power=power)
 
 

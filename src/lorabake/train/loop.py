@@ -350,7 +350,7 @@ def training_facts(s: Session) -> dict[str, str]:
             "ss_gradient_accumulation_steps": str(run.training.grad_accum),
             "ss_learning_rate": f"{opt.lr:g}", "ss_unet_lr": f"{opt.unet_lr or opt.lr:g}",
             "ss_text_encoder_lr": f"{opt.text_encoder_lr or opt.lr:g}", "ss_seed": str(run.training.seed),
-            "ss_lr_scheduler": run.scheduler.type, "ss_lr_warmup_steps": str(until(run.scheduler.warmup, s.plan.total_steps)),
+            "ss_lr_scheduler": run.scheduler.type, "ss_lr_warmup_steps": str(optim.warmup_steps(run.scheduler.warmup, s.plan.total_steps)),
             "ss_optimizer": optim.describe(opt.type, opt.args), "ss_flip_aug": str(run.augment.flip),
             "ss_color_aug": str(run.augment.color), "ss_random_crop": str(run.augment.random_crop),
             "ss_clip_skip": str(run.training.clip_skip), "ss_max_token_length": str(run.training.max_token_length),
