@@ -34,7 +34,7 @@ class Strict(BaseModel):
 class BaseSpec(Strict):
     """A base model. Only the embedded tiny model exists so far; checkpoints by path come later."""
 
-    builtin: Literal["tiny-sd"]
+    builtin: Literal["tiny-sd", "tiny-sd2-v", "tiny-sdxl"]
 
 
 class DatasetSpec(Strict):

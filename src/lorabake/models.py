@@ -20,6 +20,7 @@ from lorabake import store
 TINY_SEED = 0
 TINY_WIDTHS = (32, 32, 64, 64)
 TEXT_WIDTH = 32
+SDXL_TIME_EMBED = 8  # per size/crop number (SDXL: 256)
 CLIP_VOCAB_SIZE = 49408  # 256 bytes × 2 + 48894 merges + 2 specials
 SD1_NOISE_SCHEDULE = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -47,8 +48,9 @@ def clip_bpe_file() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def write_clip_tokenizer(out_dir: Path) -> None:
-    """Write vocab.json + merges.txt in the layout transformers' CLIPTokenizer reads."""
+def write_clip_tokenizer(out_dir: Path, pad_token: str = "<|endoftext|>") -> None:
+    """Write vocab.json + merges.txt in the layout transformers' CLIPTokenizer reads. SD1 pads with
+    the end token; OpenCLIP's tokenizer (SD2, SDXL's second encoder) pads with "!" (id 0)."""
     lines = gzip.open(clip_bpe_file()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     symbols = list(_byte_alphabet().values())
@@ -60,68 +62,105 @@ def write_clip_tokenizer(out_dir: Path) -> None:
     store.write_text(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     store.write_json(out_dir / "tokenizer_config.json", {
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad_token,
         "unk_token": "<|endoftext|>",
     })
 
 
-# ---------------------------------------------------------------- tiny-sd
+# ---------------------------------------------------------------- the tiny models
 
-def tiny_unet():
+def tiny_unet(arch: str = "sd1"):
+    """SD1: conv projections, 4 levels; SD2: linear projections; SDXL: 3 levels (no attention in the
+    first), 2 transformer layers deeper down, size/crop time ids and the pooled text embedding."""
     from diffusers import UNet2DConditionModel
 
+    common = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32)
+    if arch == "sdxl":
+        return UNet2DConditionModel(
+            **common, block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 2, 2),
+            attention_head_dim=(2, 4, 4), cross_attention_dim=2 * TEXT_WIDTH, use_linear_projection=True,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED,
+            projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * SDXL_TIME_EMBED,
+        )
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=TINY_WIDTHS, norm_num_groups=32, cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=4,
+        **common, block_out_channels=TINY_WIDTHS, cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=4 if arch == "sd1" else (2, 2, 4, 4), use_linear_projection=arch == "sd2",
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     )
 
 
-def tiny_vae():
+def tiny_vae(scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=128,
-        block_out_channels=TINY_WIDTHS, norm_num_groups=32,
+        block_out_channels=TINY_WIDTHS, norm_num_groups=32, scaling_factor=scaling_factor,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )
 
 
-def tiny_text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_text_encoder(act: str = "quick_gelu", projection: bool = False):
+    """OpenAI CLIP-L (SD1, SDXL's first encoder) uses quick_gelu; OpenCLIP (SD2, SDXL's second,
+    which also keeps its projection for the pooled embedding) uses gelu and pads with "!"."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
         num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_WIDTH,
-        hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        hidden_act=act, bos_token_id=49406, eos_token_id=49407, pad_token_id=0 if act == "gelu" else 49407,
     )
-    return CLIPTextModel(config)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def build_tiny_sd(out_dir: Path) -> None:
-    """Build tiny-sd into `out_dir` (diffusers layout). Same torch version → same bytes."""
+@dataclass(frozen=True)
+class TinySpec:
+    arch: str
+    prediction: str
+    parts: tuple  # (folder, maker) in build order: each gets its own seed
+    pipeline: str
+    scheduler: dict
+
+
+TINY = {
+    "tiny-sd": TinySpec("sd1", "epsilon", (("unet", lambda: tiny_unet("sd1")), ("vae", tiny_vae),
+                                           ("text_encoder", tiny_text_encoder)),
+                        "StableDiffusionPipeline", SD1_NOISE_SCHEDULE),
+    "tiny-sd2-v": TinySpec("sd2", "v_prediction", (("unet", lambda: tiny_unet("sd2")), ("vae", tiny_vae),
+                                                   ("text_encoder", lambda: tiny_text_encoder("gelu"))),
+                           "StableDiffusionPipeline", {**SD1_NOISE_SCHEDULE, "prediction_type": "v_prediction"}),
+    "tiny-sdxl": TinySpec("sdxl", "epsilon", (("unet", lambda: tiny_unet("sdxl")), ("vae", lambda: tiny_vae(0.13025)),
+                                              ("text_encoder", tiny_text_encoder),
+                                              ("text_encoder_2", lambda: tiny_text_encoder("gelu", projection=True))),
+                          "StableDiffusionXLPipeline", SD1_NOISE_SCHEDULE),
+}
+COMPONENT_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+                     "scheduler": ("diffusers", "DDPMScheduler"), "tokenizer": ("transformers", "CLIPTokenizer"),
+                     "tokenizer_2": ("transformers", "CLIPTokenizer")}
+
+
+def build_tiny(builtin: str, out_dir: Path) -> None:
+    """Build a tiny model into `out_dir` (diffusers layout). Same torch version → same bytes."""
     from diffusers import DDPMScheduler
 
-    out_dir = Path(out_dir)
-    parts = {}
-    for offset, (name, make) in enumerate((("unet", tiny_unet), ("vae", tiny_vae), ("text_encoder", tiny_text_encoder))):
+    spec, out_dir = TINY[builtin], Path(out_dir)
+    classes = dict(COMPONENT_CLASSES)
+    for offset, (name, make) in enumerate(spec.parts):
         torch.manual_seed(TINY_SEED + offset)
-        parts[name] = make()
-        parts[name].save_pretrained(out_dir / name, safe_serialization=True)
-    DDPMScheduler(**SD1_NOISE_SCHEDULE).save_pretrained(out_dir / "scheduler")
-    write_clip_tokenizer(out_dir / "tokenizer")
-    store.write_json(out_dir / "model_index.json", {
-        "_class_name": "StableDiffusionPipeline",
-        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-        "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    })
-
-
-BUILDERS = {"tiny-sd": build_tiny_sd}
+        model = make()
+        model.save_pretrained(out_dir / name, safe_serialization=True)
+        classes[name] = (model.__module__.split(".")[0], type(model).__name__)
+    DDPMScheduler(**spec.scheduler).save_pretrained(out_dir / "scheduler")
+    write_clip_tokenizer(out_dir / "tokenizer", pad_token="!" if spec.arch == "sd2" else "<|endoftext|>")
+    if spec.arch == "sdxl":
+        write_clip_tokenizer(out_dir / "tokenizer_2", pad_token="!")
+    index = {"_class_name": spec.pipeline, "feature_extractor": [None, None]}
+    if spec.arch != "sdxl":
+        index |= {"safety_checker": [None, None], "requires_safety_checker": False}
+    index |= {name: list(classes[name]) for name in sorted(classes) if (out_dir / name).exists()}
+    store.write_json(out_dir / "model_index.json", index)
 
 
 def build_base(builtin: str, out_dir: Path) -> str:
@@ -133,9 +172,10 @@ def build_base(builtin: str, out_dir: Path) -> str:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        BUILDERS[builtin](tmp)
+        build_tiny(builtin, tmp)
         base_id = store.tree_sha256(tmp)[:16]
-        store.write_json(tmp / "base.json", {"id": base_id, "builtin": builtin, "architecture": "sd1"})
+        store.write_json(tmp / "base.json", {"id": base_id, "builtin": builtin, "architecture": TINY[builtin].arch,
+                                             "prediction": TINY[builtin].prediction})
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -149,36 +189,52 @@ def build_base(builtin: str, out_dir: Path) -> str:
 @dataclass
 class Base:
     id: str
+    arch: str                            # sd1 | sd2 | sdxl
     unet: torch.nn.Module
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: object
     noise_scheduler: object
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's OpenCLIP bigG (with projection)
+    tokenizer_2: object = None
 
     @property
     def vae_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [te for te in (self.text_encoder, self.text_encoder_2) if te is not None]
+
+
+def base_info(base_dir: Path) -> dict:
+    return json.loads((Path(base_dir) / "base.json").read_text())
+
 
 def base_id(base_dir: Path) -> str:
-    return json.loads((Path(base_dir) / "base.json").read_text())["id"]
+    return base_info(base_dir)["id"]
 
 
 def load_base(base_dir: Path, parts: tuple[str, ...] = ("unet", "vae", "text_encoder")) -> Base:
-    """Load a base built by `build_base`, offline; parts not asked for are left as None."""
+    """Load a base built by `build_base`, offline; parts not asked for are left as None. Asking for
+    the text encoder of SDXL loads both."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     base_dir = Path(base_dir)
-    loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
-    loaded = {name: loaders[name].from_pretrained(base_dir / name).eval() if name in parts else None
-              for name in loaders}
+    info = base_info(base_dir)
+    loaders = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+               "text_encoder_2": CLIPTextModelWithProjection}
+    wanted = set(parts) | ({"text_encoder_2"} if "text_encoder" in parts else set())
+    loaded = {name: loader.from_pretrained(base_dir / name).eval()
+              if name in wanted and (base_dir / name).is_dir() else None for name, loader in loaders.items()}
     for module in loaded.values():
         if module is not None:
             module.requires_grad_(False)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(base_dir / "tokenizer_2") if (base_dir / "tokenizer_2").is_dir() else None
     return Base(
-        id=base_id(base_dir),
-        tokenizer=CLIPTokenizer.from_pretrained(base_dir / "tokenizer"),
+        id=info["id"], arch=info.get("architecture", "sd1"),
+        tokenizer=CLIPTokenizer.from_pretrained(base_dir / "tokenizer"), tokenizer_2=tokenizer_2,
         noise_scheduler=DDPMScheduler.from_pretrained(base_dir / "scheduler"),
         **loaded,
     )
