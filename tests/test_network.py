@@ -44,8 +44,8 @@ def pretend_trained(net, seed: int = 2) -> None:
         param.add_(0.02 * torch.randn(param.shape, generator=generator))
 
 
-def save(net, text_encoder, path) -> dict:
-    state = {k: v.detach().float().contiguous() for k, v in network.kohya_state(net, text_encoder).items()}
+def save(net, unet, text_encoder, path) -> dict:
+    state = {k: v.detach().float().contiguous() for k, v in network.kohya_state(net, unet, text_encoder).items()}
     save_file(state, str(path))
     return state
 
@@ -62,7 +62,7 @@ def outputs(unet, text_encoder) -> tuple[torch.Tensor, torch.Tensor]:
 def layers_by_kohya_name(unet, text_encoder) -> dict[str, torch.nn.Module]:
     named = {f"lora_unet_{path}": m for path, m in unet.named_modules() if path}
     named |= {f"lora_te_{path}": m for path, m in text_encoder.named_modules() if path}
-    return network.to_kohya_keys({name.replace(".", "_"): m for name, m in named.items()}, text_encoder)
+    return network.to_kohya_keys({name.replace(".", "_"): m for name, m in named.items()}, unet, text_encoder)
 
 
 def module_names(net) -> set[str]:
@@ -133,7 +133,7 @@ def test_algo_keys_and_file_round_trip(tiny, algo, tmp_path):
     # dim 4 = one DyLoRA rank block, so DyLoRA's forward (random rank prefixes) is deterministic here
     net, unet, text_encoder = build(tiny, algo=algo, dim=4, alpha=2, conv_dim=4, conv_alpha=1)
     pretend_trained(net)
-    state = save(net, text_encoder, tmp_path / "lora.safetensors")
+    state = save(net, unet, text_encoder, tmp_path / "lora.safetensors")
 
     modules = {key.split(".")[0] for key in state}
     text_modules = {m for m in modules if not m.startswith("lora_unet_")}
@@ -160,8 +160,8 @@ def test_algo_keys_and_file_round_trip(tiny, algo, tmp_path):
 
 
 def test_file_naming_missing_modules_is_refused(tiny, tmp_path):
-    net, _, text_encoder = build(tiny, algo="lora", dim=2)
-    state = save(net, text_encoder, tmp_path / "lora.safetensors")
+    net, unet, text_encoder = build(tiny, algo="lora", dim=2)
+    state = save(net, unet, text_encoder, tmp_path / "lora.safetensors")
     state["lora_unet_no_such_block_proj.alpha"] = torch.tensor(1.0)
     save_file(state, str(tmp_path / "odd.safetensors"))
     with pytest.raises(network.UnmatchedKeys, match="odd.safetensors.*lora_unet_no_such_block_proj"):
@@ -246,19 +246,19 @@ def test_param_groups_without_block_weights(tiny):
 @pytest.mark.parametrize("algo", ["lora", "dylora", "ia3", "full"])
 def test_init_weights_continues_from_the_file_exactly(tiny, tmp_path, algo):
     fields = dict(algo=algo, dim=4, alpha=2, conv_dim=4)
-    first, _, text_encoder = build(tiny, **fields)
+    first, unet, text_encoder = build(tiny, **fields)
     pretend_trained(first)
     (tmp_path / "runs").mkdir()
-    saved = save(first, text_encoder, tmp_path / "runs/first.safetensors")
-    again, _, text_encoder = build(tiny, **fields, init_weights="runs/first.safetensors", root=tmp_path)
-    continued = network.kohya_state(again, text_encoder)
+    saved = save(first, unet, text_encoder, tmp_path / "runs/first.safetensors")
+    again, unet, text_encoder = build(tiny, **fields, init_weights="runs/first.safetensors", root=tmp_path)
+    continued = network.kohya_state(again, unet, text_encoder)
     assert continued.keys() == saved.keys()
     for key, value in saved.items():
         torch.testing.assert_close(continued[key].float(), value, rtol=0, atol=0, msg=key)
 
 
 def test_init_weights_of_another_dim_is_refused(tiny, tmp_path):
-    first, _, text_encoder = build(tiny, algo="lora", dim=4)
-    save(first, text_encoder, tmp_path / "dim4.safetensors")
+    first, unet, text_encoder = build(tiny, algo="lora", dim=4)
+    save(first, unet, text_encoder, tmp_path / "dim4.safetensors")
     with pytest.raises(network.UnmatchedKeys, match=r"dim4\.safetensors.*shape"):
         build(tiny, algo="lora", dim=8, init_weights="dim4.safetensors", root=tmp_path)

@@ -61,7 +61,7 @@ def extract(base_dir: Path, tuned_checkpoint: Path, dim: int, conv_dim: int | No
         run_name=out.stem, algo="lora", dim=dim, alpha=float(dim), preset="extracted", base_id=base.id,
         resolution=(512, 512), epoch=0, steps=0, facts={"ss_training_comment": f"extracted from {tuned_checkpoint.name}",
                                                          "ss_conv_dim": str(conv_dim or 0)})
-    lora_format.save_lora(network.to_kohya_keys(state, base.text_encoder), out, precision, metadata)
+    lora_format.save_lora(network.to_kohya_keys(state, base.unet, base.te), out, precision, metadata)
     modules = len(state) // 3
     print(f"extract: {modules} modules at dim {dim}" + (f", conv_dim {conv_dim}" if conv_dim else ""))
     return modules

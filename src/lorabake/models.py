@@ -21,6 +21,8 @@ TINY_SEED = 0
 TINY_WIDTHS = (32, 32, 64, 64)
 TEXT_WIDTH = 32
 SDXL_TIME_EMBED = 8  # per size/crop number (SDXL: 256)
+# SDXL's second encoder is wider than its first (1280 vs 768); diffusers tells them apart by width.
+SDXL_TEXT_WIDTH_2 = 64
 CLIP_VOCAB_SIZE = 49408  # 256 bytes × 2 + 48894 merges + 2 specials
 SD1_NOISE_SCHEDULE = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -78,11 +80,11 @@ def tiny_unet(arch: str = "sd1"):
     if arch == "sdxl":
         return UNet2DConditionModel(
             **common, block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 2, 2),
-            attention_head_dim=(2, 4, 4), cross_attention_dim=2 * TEXT_WIDTH, use_linear_projection=True,
+            attention_head_dim=(2, 4, 4), cross_attention_dim=TEXT_WIDTH + SDXL_TEXT_WIDTH_2, use_linear_projection=True,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED,
-            projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * SDXL_TIME_EMBED,
+            projection_class_embeddings_input_dim=SDXL_TEXT_WIDTH_2 + 6 * SDXL_TIME_EMBED,
         )
     return UNet2DConditionModel(
         **common, block_out_channels=TINY_WIDTHS, cross_attention_dim=TEXT_WIDTH,
@@ -102,14 +104,14 @@ def tiny_vae(scaling_factor: float = 0.18215):
     )
 
 
-def tiny_text_encoder(act: str = "quick_gelu", projection: bool = False):
+def tiny_text_encoder(act: str = "quick_gelu", projection: bool = False, width: int = TEXT_WIDTH):
     """OpenAI CLIP-L (SD1, SDXL's first encoder) uses quick_gelu; OpenCLIP (SD2, SDXL's second,
     which also keeps its projection for the pooled embedding) uses gelu and pads with "!"."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
-        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_WIDTH,
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=width, intermediate_size=4 * width,
+        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
         hidden_act=act, bos_token_id=49406, eos_token_id=49407, pad_token_id=0 if act == "gelu" else 49407,
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
@@ -133,7 +135,7 @@ TINY = {
                            "StableDiffusionPipeline", {**SD1_NOISE_SCHEDULE, "prediction_type": "v_prediction"}),
     "tiny-sdxl": TinySpec("sdxl", "epsilon", (("unet", lambda: tiny_unet("sdxl")), ("vae", lambda: tiny_vae(0.13025)),
                                               ("text_encoder", tiny_text_encoder),
-                                              ("text_encoder_2", lambda: tiny_text_encoder("gelu", projection=True))),
+                                              ("text_encoder_2", lambda: tiny_text_encoder("gelu", True, SDXL_TEXT_WIDTH_2))),
                           "StableDiffusionXLPipeline", SD1_NOISE_SCHEDULE),
 }
 COMPONENT_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
@@ -205,6 +207,12 @@ class Base:
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
         return [te for te in (self.text_encoder, self.text_encoder_2) if te is not None]
+
+    @property
+    def te(self):
+        """The text encoder argument of networks and key names: one encoder, or SDXL's two as a list
+        (named `lora_te1_…`, `lora_te2_…`)."""
+        return self.text_encoders if self.text_encoder_2 is not None else self.text_encoder
 
 
 def base_info(base_dir: Path) -> dict:

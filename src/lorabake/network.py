@@ -191,7 +191,7 @@ def create_network(unet, text_encoder, cfg: Network, seed: int, root: Path | Non
     _apply_preset({})  # leave no per-layer map behind for the next lycoris network
     network.apply_to(text_encoder, unet, apply_text_encoder=cfg.train_text_encoder, apply_unet=cfg.train_unet)
     if cfg.init_weights:
-        load_initial_weights(network, Path(root or ".") / cfg.init_weights, text_encoder)
+        load_initial_weights(network, Path(root or ".") / cfg.init_weights, unet, text_encoder)
     return network
 
 
@@ -212,20 +212,56 @@ def param_groups(network, cfg: Network, unet_lr: float, text_encoder_lr: float) 
 
 # ---------------------------------------------------------------- key names
 
-# transformers 5 dropped CLIPTextModel's `text_model.` level, so lycoris names its modules
-# `lora_te_encoder_…`; kohya, A1111 and ComfyUI expect `lora_te_text_model_encoder_…`.
-FLAT_TE_PREFIX = f"{TEXT_ENCODER_PREFIX}_"
-KOHYA_TE_PREFIX = f"{TEXT_ENCODER_PREFIX}_text_model_"
+def lora_name(prefix: str, path: str) -> str:
+    """kohya's module naming: prefix + the module path with dots as underscores."""
+    return f"{prefix}_{path}".replace(".", "_")
 
 
-def _flat(text_encoder) -> bool:
-    return text_encoder is not None and not hasattr(text_encoder, "text_model")
+def is_sdxl(unet) -> bool:
+    return unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
-def _swap_te_prefix(state: dict, text_encoder, old: str, new: str) -> dict:
-    if not _flat(text_encoder):
-        return state
-    return {new + k[len(old):] if k.startswith(old) else k: v for k, v in state.items()}
+def sdxl_unet_names(unet) -> dict[str, str]:
+    from lorabake import sd_layout
+
+    return sd_layout.unet_original_names(unet)
+
+
+def text_encoder_prefixes(text_encoder) -> list[tuple[str, torch.nn.Module]]:
+    """lycoris (like kohya) names one text encoder `lora_te`, a list of them `lora_te1`, `lora_te2`."""
+    if isinstance(text_encoder, (list, tuple)):
+        return [(f"{TEXT_ENCODER_PREFIX}{i + 1}", te) for i, te in enumerate(text_encoder)]
+    return [] if text_encoder is None else [(TEXT_ENCODER_PREFIX, text_encoder)]
+
+
+def module_table(unet, text_encoder) -> dict[str, tuple[str, torch.nn.Module, bool]]:
+    """kohya module name → (lycoris' name for it, the module, is it in the UNet), for every module.
+
+    The two names differ in two places. SDXL: kohya names UNet modules by the original (sgm) UNet's
+    paths (`input_blocks_4_1_…`), lycoris by diffusers' (`down_blocks_1_attentions_0_…`); SD1/SD2 files
+    use diffusers' paths. Text encoders: transformers 5 dropped CLIPTextModel's `text_model.` level,
+    so lycoris says `lora_te_encoder_…` where kohya, A1111 and ComfyUI expect
+    `lora_te_text_model_encoder_…`."""
+    table = {}
+    if unet is not None:
+        original = sdxl_unet_names(unet) if is_sdxl(unet) else {}
+        for path, module in unet.named_modules():
+            if path:
+                table[lora_name(UNET_PREFIX, original.get(path, path))] = (lora_name(UNET_PREFIX, path), module, True)
+    for prefix, te in text_encoder_prefixes(text_encoder):
+        flat = not hasattr(te, "text_model")
+        for path, module in te.named_modules():
+            if path:
+                table[lora_name(prefix, f"text_model.{path}" if flat else path)] = (lora_name(prefix, path), module, False)
+    return table
+
+
+def _rename(state: dict, names: dict[str, str]) -> dict:
+    renamed = {}
+    for key, value in state.items():
+        module, dot, tensor = key.partition(".")
+        renamed[names.get(module, module) + dot + tensor] = value
+    return renamed
 
 
 def _conv_ups_as_1x1(state: dict) -> dict:
@@ -238,13 +274,15 @@ def _conv_ups_as_1x1(state: dict) -> dict:
     return fixed
 
 
-def to_kohya_keys(state: dict, text_encoder) -> dict:
-    """Module-path keys of this model → the key names (and shapes) every other tool expects."""
-    return _conv_ups_as_1x1(_swap_te_prefix(state, text_encoder, FLAT_TE_PREFIX, KOHYA_TE_PREFIX))
+def to_kohya_keys(state: dict, unet, text_encoder) -> dict:
+    """lycoris-named keys on these models → the key names (and shapes) every other tool expects."""
+    names = {lycoris: kohya for kohya, (lycoris, _, _) in module_table(unet, text_encoder).items()}
+    return _conv_ups_as_1x1(_rename(state, names))
 
 
-def from_kohya_keys(state: dict, text_encoder) -> dict:
-    return _swap_te_prefix(state, text_encoder, KOHYA_TE_PREFIX, FLAT_TE_PREFIX)
+def from_kohya_keys(state: dict, unet, text_encoder) -> dict:
+    names = {kohya: lycoris for kohya, (lycoris, _, _) in module_table(unet, text_encoder).items()}
+    return _rename(state, names)
 
 
 def _dylora_alpha(lora) -> torch.Tensor:
@@ -253,7 +291,7 @@ def _dylora_alpha(lora) -> torch.Tensor:
     return lora.alpha * lora.block_size
 
 
-def kohya_state(network, text_encoder) -> dict[str, torch.Tensor]:
+def kohya_state(network, unet, text_encoder) -> dict[str, torch.Tensor]:
     """What a LoRA file of this network holds: its state under kohya's key names."""
     from lycoris.modules.dylora import DyLoraModule
 
@@ -261,23 +299,13 @@ def kohya_state(network, text_encoder) -> dict[str, torch.Tensor]:
     for lora in network.unet_loras + network.text_encoder_loras:
         if isinstance(lora, DyLoraModule):
             state[f"{lora.lora_name}.alpha"] = _dylora_alpha(lora)
-    return to_kohya_keys(state, text_encoder)
+    return to_kohya_keys(state, unet, text_encoder)
 
 
 # ---------------------------------------------------------------- reading LoRA files
 
 class UnmatchedKeys(ValueError):
     """A LoRA file names modules this model does not have ("lora key not loaded"), or does not fit."""
-
-
-def _modules_by_lora_name(unet, text_encoder) -> dict[str, tuple[torch.nn.Module, bool]]:
-    """lycoris module name (kohya's scheme on this model's paths) → (module, is it in the UNet)."""
-    named = {}
-    for prefix, model, on_unet in ((UNET_PREFIX, unet, True), (TEXT_ENCODER_PREFIX, text_encoder, False)):
-        if model is not None:
-            named |= {f"{prefix}_{path}".replace(".", "_"): (module, on_unet)
-                      for path, module in model.named_modules() if path}
-    return named
 
 
 def _empty_network(unet, text_encoder):
@@ -309,15 +337,16 @@ def _module_from_weights(weights: dict, lora_name: str, org_module: torch.nn.Mod
 
 def load_weights(path: Path, unet, text_encoder, multiplier: float = 1.0):
     """Build a network from a LoRA file of any algo, checking that every key finds its module."""
-    weights = from_kohya_keys(load_file(str(path)), text_encoder)
-    targets = _modules_by_lora_name(unet, text_encoder)
-    names = sorted({key.split(".")[0] for key in weights if "." in key})
-    unmatched = [name for name in names if name not in targets]
+    saved = load_file(str(path))
+    table = module_table(unet, text_encoder)
+    names = sorted({key.split(".")[0] for key in saved if "." in key})
+    unmatched = [name for name in names if name not in table]
     if unmatched:
         raise UnmatchedKeys(f"{path}: {len(unmatched)} LoRA module(s) match nothing in the model, e.g. {unmatched[:3]}")
+    weights = from_kohya_keys(saved, unet, text_encoder)
     network = _empty_network(unet, text_encoder)
-    for name in names:
-        org_module, on_unet = targets[name]
+    for kohya in names:
+        name, org_module, on_unet = table[kohya]
         lora = _module_from_weights(weights, name, org_module, path)
         lora.multiplier = multiplier
         (network.unet_loras if on_unet else network.text_encoder_loras).append(lora)
@@ -379,7 +408,7 @@ def module_deltas(path: Path, unet, text_encoder, multiplier: float = 1.0) -> di
     network = load_weights(path, unet, text_encoder, multiplier)
     deltas = {lora.lora_name: weight_delta(lora, multiplier).float()
               for lora in network.unet_loras + network.text_encoder_loras}
-    return to_kohya_keys(deltas, text_encoder)
+    return to_kohya_keys(deltas, unet, text_encoder)
 
 
 # ---------------------------------------------------------------- continuing from a file (init_weights)
@@ -407,7 +436,7 @@ def _load_dylora(lora, state: dict) -> None:
     lora.alpha.copy_(state["alpha"] / lora.block_size)  # undo _dylora_alpha
 
 
-def load_initial_weights(network, path: Path, text_encoder) -> None:
+def load_initial_weights(network, path: Path, unet, text_encoder) -> None:
     """Continue from a LoRA file (kohya's --network_weights): it must hold exactly this network's keys
     and shapes — same algo, dims and targets — or it is refused, naming the file."""
     from lycoris.modules.dylora import DyLoraModule
@@ -415,11 +444,11 @@ def load_initial_weights(network, path: Path, text_encoder) -> None:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: network.init_weights file not found")
     saved = load_file(str(path))
-    problems = _layout_problems(saved, kohya_state(network, text_encoder))
+    problems = _layout_problems(saved, kohya_state(network, unet, text_encoder))
     if problems:
         raise UnmatchedKeys(f"{path}: does not fit this network (algo, dims or targets differ): " + "; ".join(problems))
     by_module = defaultdict(dict)
-    for key, value in from_kohya_keys(saved, text_encoder).items():
+    for key, value in from_kohya_keys(saved, unet, text_encoder).items():
         name, _, tensor = key.partition(".")
         by_module[name][tensor] = value
     for lora in network.unet_loras + network.text_encoder_loras:

@@ -132,19 +132,47 @@ def encode_captions(tokenizer, text_encoder, captions: list[str], *, max_token_l
     Gradients flow when the caller enables them (a trained text encoder); the ids go to the text
     encoder's device and the states keep its dtype. With max_token_length 75 this is exactly the
     plain 77-token encoding SD1 was trained with."""
+    ids, weights = caption_windows(tokenizer, text_encoder, captions, max_token_length, weighted)
+    states = encode_windows(text_encoder, ids.flatten(0, 1), clip_skip)     # [B × windows, 77, D]
+    return weigh(join_windows(states.unflatten(0, ids.shape[:2])), weights)
+
+
+def encode_sdxl(tokenizers: list, text_encoders: list, captions: list[str], *, max_token_length: int = 75,
+                weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's conditioning: both encoders' penultimate states, without the final layer norm, side by
+    side per position ([B, max_token_length + 2, D1 + D2]), and the second encoder's projected EOS
+    state of each caption's first window ([B, P]) — kohya's `get_hidden_states_sdxl`, diffusers'
+    `encode_prompt`."""
+    hidden, pooled = [], None
+    for tokenizer, text_encoder in zip(tokenizers, text_encoders):
+        ids, weights = caption_windows(tokenizer, text_encoder, captions, max_token_length, weighted)
+        output = text_encoder(ids.flatten(0, 1), output_hidden_states=True, return_dict=True)
+        states = output.hidden_states[-2].unflatten(0, ids.shape[:2])
+        hidden.append(weigh(join_windows(states), weights))
+        if hasattr(output, "text_embeds"):
+            pooled = output.text_embeds.unflatten(0, ids.shape[:2])[:, 0]
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def caption_windows(tokenizer, text_encoder, captions: list[str], max_token_length: int,
+                    weighted: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids of every caption's 77-token windows ([B, windows, 77], on the encoder's device) and,
+    for weighted captions, a weight per joined position."""
     window = tokenizer.model_max_length - 2
     if max_token_length % window:
         raise ValueError(f"max_token_length must be a multiple of {window}, got {max_token_length}")
     tokens = [caption_tokens(tokenizer, caption, max_token_length, weighted) for caption in captions]
     windows = [window_ids(tokenizer, ids, max_token_length) for ids, _ in tokens]
     device = next(text_encoder.parameters()).device
-    ids = torch.tensor(windows, dtype=torch.long, device=device)            # [B, windows, 77]
-    states = encode_windows(text_encoder, ids.flatten(0, 1), clip_skip)     # [B × windows, 77, D]
-    hidden = join_windows(states.unflatten(0, ids.shape[:2]))
+    ids = torch.tensor(windows, dtype=torch.long, device=device)
     if not weighted:
-        return hidden
+        return ids, None
     weights = [[1.0, *(w + [1.0] * max_token_length)[:max_token_length], 1.0] for _, w in tokens]
-    return apply_token_weights(hidden, torch.tensor(weights, device=device))
+    return ids, torch.tensor(weights, device=device)
+
+
+def weigh(hidden: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return hidden if weights is None else apply_token_weights(hidden, weights)
 
 
 def caption_tokens(tokenizer, caption: str, max_token_length: int,

@@ -19,20 +19,33 @@ from lorabake.train.plan import Entry
 HUE_SHIFT_DEGREES = 8  # kohya's color_aug: a random hue shift of at most ±8°
 
 
-class CachedLatents:
-    """Latents for a batch from the cache: one index per dataset, one flip state per image."""
+def size_conditioning(original: tuple[int, int], placement: buckets.Placement, flipped: bool) -> list[int]:
+    """SDXL's six size numbers for one image: original (h, w), the crop's top-left corner in the
+    resized image, target (h, w). A mirrored image's crop starts where the unmirrored one ended
+    (measured from the other side), so the numbers describe the pixels the VAE saw."""
+    left, top, right, _ = placement.crop
+    if flipped:
+        left = placement.resized[0] - right
+    return [original[1], original[0], top, left, placement.bucket[1], placement.bucket[0]]
 
-    def __init__(self, indexes: dict[str, dict], flip: bool):
-        self.indexes, self.flip = indexes, flip
+
+class CachedLatents:
+    """Latents for a batch from the cache (one index per dataset, one flip state per image), with
+    each image's size conditioning."""
+
+    def __init__(self, indexes: dict[str, dict], flip: bool, spec: buckets.BucketSpec):
+        self.indexes, self.flip, self.spec = indexes, flip, spec
         self.by_rel = {name: {e["rel"]: e for e in index["entries"]} for name, index in indexes.items()}
 
-    def __call__(self, batch: list[Entry], rng: random.Random) -> torch.Tensor:
-        tensors = []
+    def __call__(self, batch: list[Entry], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors, sizes = [], []
         for entry in batch:
             cached = self.by_rel[entry.dataset][entry.item.rel]
             state = "flip" if self.flip and rng.random() < 0.5 else "plain"
             tensors.append(latents.load_latents(self.indexes[entry.dataset], cached, state))
-        return torch.stack(tensors)
+            original = tuple(cached["original_size"])
+            sizes.append(size_conditioning(original, buckets.place(*original, self.spec), state == "flip"))
+        return torch.stack(tensors), torch.tensor(sizes)
 
 
 class PixelLatents:
@@ -41,24 +54,26 @@ class PixelLatents:
     def __init__(self, vae, run: RunConfig):
         self.vae, self.spec, self.augment = vae, run.bucket_spec(), run.augment
 
-    def __call__(self, batch: list[Entry], rng: random.Random) -> torch.Tensor:
-        pixels = [latents.to_tensor(self.augmented(entry.item.path, rng)) for entry in batch]
-        x = torch.stack(pixels).to(self.vae.device, self.vae.dtype)
+    def __call__(self, batch: list[Entry], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        images, sizes = zip(*(self.augmented(entry.item.path, rng) for entry in batch))
+        x = torch.stack([latents.to_tensor(image) for image in images]).to(self.vae.device, self.vae.dtype)
         with torch.no_grad():
             mean = self.vae.encode(x).latent_dist.mean
-        return (mean * self.vae.config.scaling_factor).float().cpu()
+        return (mean * self.vae.config.scaling_factor).float().cpu(), torch.tensor(sizes)
 
-    def augmented(self, path: Path, rng: random.Random) -> Image.Image:
+    def augmented(self, path: Path, rng: random.Random) -> tuple[Image.Image, list[int]]:
         image = latents.load_rgb(path)
+        original = image.size
         placement = buckets.place(image.width, image.height, self.spec)
         if self.augment.random_crop:
             placement = random_crop(placement, rng)
         image = buckets.apply(image, placement)
         if self.augment.color:
             image = shift_hue(image, rng.uniform(-HUE_SHIFT_DEGREES, HUE_SHIFT_DEGREES))
-        if self.augment.flip and rng.random() < 0.5:
+        flipped = self.augment.flip and rng.random() < 0.5
+        if flipped:
             image = ImageOps.mirror(image)
-        return image
+        return image, size_conditioning(original, placement, flipped)
 
 
 def random_crop(placement: buckets.Placement, rng: random.Random) -> buckets.Placement:

@@ -88,31 +88,47 @@ def setup(inputs: RunInputs) -> Session:
                           f"this one is {accelerator.device.type}; use bf16 (or no) here")
     parts = ("unet", "text_encoder") if run.caches_latents else ("unet", "text_encoder", "vae")
     base = models.load_base(inputs.base_dir, parts=parts)
+    check_architecture(inputs.name, run, base.arch)
     configure_models(base, run)
     # New pivotal tokens first: the network then wraps a text encoder that already knows them.
     embeddings = pivotal.add_tokens(base.tokenizer, base.text_encoder, run.pivotal, run.training.seed) \
         if run.pivotal else None
-    net = network.create_network(base.unet, base.text_encoder, run.network, run.training.seed, inputs.root)
+    net = network.create_network(base.unet, base.te, run.network, run.training.seed, inputs.root)
     if run.training.full_precision:
         net.to(dtype=autocast_dtype(run))
     groups = param_groups(net, embeddings, run)
     optimizer = optim.make_optimizer(run.optimizer.type, groups, run.optimizer.lr, run.optimizer.args)
     scheduler = optim.make_scheduler(run.scheduler.type, optimizer, plan.total_steps, run.scheduler.warmup,
                                      run.scheduler.cycles, run.scheduler.power)
-    for model in (base.unet, base.text_encoder, net) + ((base.vae,) if base.vae is not None else ()):
+    for model in (base.unet, *base.text_encoders, net) + ((base.vae,) if base.vae is not None else ()):
         model.to(accelerator.device)
     optimizer = accelerator.prepare(optimizer)  # fp16: gradient scaling; otherwise a thin wrapper
     net.train()
-    latents_of = CachedLatents(inputs.indexes, run.augment.flip) if run.caches_latents else PixelLatents(base.vae, run)
+    latents_of = CachedLatents(inputs.indexes, run.augment.flip, run.bucket_spec()) if run.caches_latents \
+        else PixelLatents(base.vae, run)
     return Session(inputs, plan, base, net, embeddings, optimizer, scheduler, accelerator, latents_of,
                    losses.prediction_type(run.loss, base.noise_scheduler))
+
+
+def check_architecture(name: str, run: RunConfig, arch: str) -> None:
+    """Options that have no meaning yet on this architecture are refused, not silently ignored."""
+    if arch != "sdxl":
+        return
+    problems = [f"{key} is not supported for SDXL yet" for key, set_ in (
+        ("network.block_dims/block_alphas/block_lr_weights (the 25-block vocabulary is SD1/SD2's)",
+         network.has_block_options(run.network)),
+        ("pivotal", run.pivotal is not None)) if set_]
+    if run.training.clip_skip != 1:  # kohya's SDXL trainers warn that clip_skip does nothing
+        problems.append("training.clip_skip has no meaning for SDXL, which always uses the penultimate layers")
+    if problems:
+        raise ConfigError(f"run {name} (base {run.base}, SDXL): " + "; ".join(problems))
 
 
 def configure_models(base: models.Base, run: RunConfig) -> None:
     """Frozen base weights; attention kernel and gradient checkpointing as configured."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    for model in (base.unet, base.text_encoder, base.vae):
+    for model in (base.unet, base.vae, *base.text_encoders):
         if model is not None:
             model.requires_grad_(False)
     base.unet.set_attn_processor(AttnProcessor2_0() if run.training.attention == "sdpa" else AttnProcessor())
@@ -120,8 +136,9 @@ def configure_models(base: models.Base, run: RunConfig) -> None:
         base.unet.enable_gradient_checkpointing()
         base.unet.train()  # diffusers only checkpoints modules in training mode
         if run.network.train_text_encoder or run.pivotal:
-            base.text_encoder.gradient_checkpointing_enable()
-            base.text_encoder.train()
+            for text_encoder in base.text_encoders:
+                text_encoder.gradient_checkpointing_enable()
+                text_encoder.train()
 
 
 def autocast_dtype(run: RunConfig) -> torch.dtype:
@@ -201,8 +218,8 @@ def micro_batch_loss(s: Session, batch: list[Entry], epoch: int, step: int,
     run, base, device = s.run, s.base, s.accelerator.device
     schedule = base.noise_scheduler
     mine = slice(s.accelerator.process_index, None, s.world)
-    # Fetch the latents: cached ones, or encoded now from augmented pixels.
-    latents = s.latents_of(batch, rng)
+    # Fetch the latents (cached ones, or encoded now from augmented pixels) and their sizes.
+    latents, sizes = s.latents_of(batch, rng)
     # Caption as this epoch sees it (shuffled, dropped, pivotal tokens in).
     texts = [caption_of(entry, run, rng, epoch) for entry in batch]
     # Sample noise (offset / multires as configured) and a timestep per image.
@@ -214,17 +231,26 @@ def micro_batch_loss(s: Session, batch: list[Entry], epoch: int, step: int,
     # Encode the captions; the text encoder builds a graph only while something in it trains.
     grads = text_encoder_trains(run, step, s.plan.total_steps) or embeddings_train(run, step, s.plan.total_steps)
     with torch.set_grad_enabled(grads), s.accelerator.autocast():
-        text = captions.encode_captions(base.tokenizer, base.text_encoder, texts,
-                                        max_token_length=run.training.max_token_length,
-                                        clip_skip=run.training.clip_skip, weighted=run.captions.weighted)
+        text, extra = conditioning(base, run, texts, sizes[mine].to(device))
     # Noise the latents; predict the noise (or the velocity) and regress on it, weighted per image.
     noisy_latents = schedule.add_noise(latents, noise, timesteps)
     target = noise if s.prediction == "epsilon" else schedule.get_velocity(latents, noise, timesteps)
     with s.accelerator.autocast():
-        prediction = base.unet(noisy_latents, timesteps, text).sample
+        prediction = base.unet(noisy_latents, timesteps, text, added_cond_kwargs=extra).sample
     is_reg = torch.tensor([entry.item.is_reg for entry in batch[mine]], device=device)
     loss = losses.training_loss(prediction, target, timesteps, is_reg, run.loss, schedule, s.prediction)
     return loss if s.world == 1 else loss * (len(texts) / len(batch))
+
+
+def conditioning(base: models.Base, run: RunConfig, texts: list[str], sizes: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+    """What the UNet is conditioned on: the captions' hidden states, and for SDXL also the pooled
+    caption embedding and the six size numbers per image (`added_cond_kwargs`)."""
+    options = dict(max_token_length=run.training.max_token_length, weighted=run.captions.weighted)
+    if base.arch != "sdxl":
+        hidden = captions.encode_captions(base.tokenizer, base.text_encoder, texts, clip_skip=run.training.clip_skip, **options)
+        return hidden, None
+    hidden, pooled = captions.encode_sdxl([base.tokenizer, base.tokenizer_2], base.text_encoders, texts, **options)
+    return hidden, {"text_embeds": pooled, "time_ids": sizes.to(hidden.dtype)}
 
 
 def trainable(s: Session) -> list[torch.nn.Parameter]:
@@ -330,7 +356,7 @@ def save_checkpoint(s: Session, epoch: int, step: int, path: str) -> str:
         run_name=s.inputs.name, algo=run.network.algo, dim=run.network.dim, alpha=run.network.alpha,
         preset=network.preset_name(run.network), base_id=models.base_id(s.inputs.base_dir),
         resolution=run.size, epoch=epoch, steps=step, facts={**s.inputs.facts, **training_facts(s)})
-    weights = network.kohya_state(net, s.base.text_encoder)
+    weights = network.kohya_state(net, s.base.unet, s.base.te)
     lora_format.save_lora(weights, path, run.save.precision, metadata)
     return path
 
