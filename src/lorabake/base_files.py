@@ -2,12 +2,12 @@
 diffusers folder, turned into a lorabake base folder — offline.
 
 A single file carries weights but no configs, so lorabake ships the diffusers configs of the real
-models (`model_configs/`: the Hugging Face repos' own files of stable-diffusion-v1-5,
+models in `model_configs/` — the Hugging Face repos' own files of stable-diffusion-v1-5,
 stabilityai/stable-diffusion-2-1 (768-v) and stabilityai/stable-diffusion-xl-base-1.0, without
-version stamps, safety checker or feature extractor) and of its tiny builtins, and picks the one
-whose shapes fit the file. The tiny builtins' configs are read off `models.py` itself. The file's header alone decides: the architecture from its key
-prefixes, the prediction type from a flag or metadata (one small tensor for SD2's heuristic), the
-config from a handful of widths. diffusers' own single-file readers then convert the weights.
+version stamps, safety checker or feature extractor — and reads the tiny builtins' configs off
+`models.py`. The file's header alone decides: the architecture from its key prefixes, the prediction
+type from a flag or metadata (one small tensor for SD2's heuristic), the config from a handful of
+widths. diffusers' own single-file readers then convert the weights.
 
 A base folder is the layout `models.build_base` writes: diffusers components + `base.json`
 {id, architecture, prediction, source}. Its id is a content hash, cached per (path, size, mtime) so
@@ -33,12 +33,15 @@ from lorabake import models, store
 CONFIG_ROOT = Path(__file__).with_name("model_configs")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PREDICTIONS = ("epsilon", "v_prediction")
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+SET_PREDICTION = "set `prediction: epsilon` or `v_prediction` under bases.<name> in configs/config.yaml"
 # The real model's config per architecture: its scheduler stands in when a diffusers folder has none.
 REAL_CONFIGS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl-base-1.0"}
 
 UNET = "model.diffusion_model."
-# Key prefixes that tell the architectures apart, checked in this order (SDXL's UNet also has no
-# `cond_stage_model`; SD2 swapped OpenAI's CLIP for OpenCLIP, whose weights sit under `.model.`).
+# Key prefixes that tell the architectures apart (the original repos' module names): SDXL's encoders
+# sit under `conditioner.embedders` and its UNet has the size/crop embedding `label_emb`; SD2's
+# OpenCLIP under `cond_stage_model.model.`; SD1's OpenAI CLIP under `cond_stage_model.transformer.`.
 ARCH_MARKERS = {
     "sdxl": ("conditioner.embedders.1.model.", UNET + "label_emb."),
     "sd2": ("cond_stage_model.model.",),
@@ -184,7 +187,8 @@ def _arch_of(ckpt: _Checkpoint) -> tuple[str, str]:
     for arch, prefixes in ARCH_MARKERS.items():
         if all(any(key.startswith(prefix) for key in ckpt.shapes) for prefix in prefixes):
             return arch, "keys " + " and ".join(f"{p}…" for p in prefixes)
-    looked_for = "; ".join(f"{arch}: " + " and ".join(f"{p}…" for p in prefixes) for arch, prefixes in ARCH_MARKERS.items())
+    looked_for = "; ".join(f"{arch}: " + " and ".join(f"{p}…" for p in prefixes)
+                           for arch, prefixes in ARCH_MARKERS.items())
     sample = ", ".join(sorted(ckpt.shapes)[:3]) or "none"
     raise BaseFileError(
         f"{ckpt.path}: not a Stable Diffusion 1/2/XL checkpoint in the original single-file layout. "
@@ -199,7 +203,7 @@ def _prediction_of(ckpt: _Checkpoint, arch: str) -> tuple[str, str]:
     if declared is not None:
         if declared not in MODELSPEC_PREDICTIONS:
             raise BaseFileError(f"{ckpt.path}: metadata modelspec.prediction_type is {declared!r}; lorabake "
-                                f"trains {' or '.join(PREDICTIONS)} models. Give the base's prediction explicitly.")
+                                f"trains {' or '.join(PREDICTIONS)} models; {SET_PREDICTION}.")
         return MODELSPEC_PREDICTIONS[declared], f"metadata modelspec.prediction_type={declared!r}"
     if arch == "sd2":
         return _sd2_prediction_from_weights(ckpt)
@@ -343,7 +347,7 @@ def _detect_folder(folder: Path, prediction: str | None) -> Detected:
         prediction, why = "epsilon", f"the {arch} default (no scheduler folder)"
     if prediction not in PREDICTIONS:
         raise BaseFileError(f"{folder}: the scheduler's prediction_type {prediction!r} is not one of "
-                            f"{', '.join(PREDICTIONS)}; give the base's prediction explicitly")
+                            f"{', '.join(PREDICTIONS)}; {SET_PREDICTION}")
     return Detected(arch, prediction, None, f"{arch}: diffusers folder ({index_class}); {prediction}: {why}")
 
 
@@ -363,9 +367,6 @@ def materialize_config(detected: Detected, dest: Path) -> Path:
     _write_scheduler(dest, scheduler, detected.prediction)
     _write_tokenizers(dest, detected.arch)
     return dest
-
-
-SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 
 def _write_scheduler(folder: Path, scheduler: dict, prediction: str) -> None:

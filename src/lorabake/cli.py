@@ -24,11 +24,20 @@ def cmd_validate(ws: Workspace, args) -> None:
 
 
 def cmd_base(ws: Workspace, args) -> None:
-    from lorabake import models
+    """Build a tiny base, or import a checkpoint (single file → diffusers layout; folder → linked)."""
+    from lorabake import base_files, models
 
-    spec = ws.project.file.bases[args.base]
-    base_id = models.build_base(spec.builtin, Path(paths.base_dir(args.base)))
-    print(f"base {args.base}: built {spec.builtin}, id {base_id}")
+    spec, out = ws.project.file.bases[args.base], Path(paths.base_dir(args.base))
+    if spec.builtin is not None:
+        print(f"base {args.base}: built {spec.builtin}, id {models.build_base(spec.builtin, out)}")
+        return
+    try:
+        info = base_files.import_base(ws.project.base_path(args.base), out, allow_pickle=spec.allow_pickle,
+                                      prediction=spec.prediction, id_cache=Path(paths.base_id_cache()))
+    except base_files.BaseFileError as error:
+        raise ConfigError(f"{ws.project.config_file}: bases.{args.base}: {error}") from None
+    print(f"base {args.base}: {info['architecture']} ({info['prediction']}) from {spec.path}, id {info['id']}"
+          f" — {info['source']['detected']}")
 
 
 def cmd_dataset_report(ws: Workspace, args) -> None:
@@ -140,19 +149,41 @@ def cmd_sample(ws: Workspace, args) -> None:
 
 
 def cmd_merge(ws: Workspace, args) -> None:
-    from lorabake.merge import merge
+    from lorabake.merge import MergeInput, merge
 
     spec = next(m for m in ws.project.file.merges if m.name == args.name)
-    loras = [(Path(paths.run_lora(lora.run)), lora.ratio) for lora in spec.loras]
+    loras = [MergeInput(Path(paths.run_lora(lora.run)), lora.ratio, lora.block_weights) for lora in spec.loras]
     merge(Path(paths.base_dir(spec.base)), loras, Path(paths.merged(spec.name)), spec.precision)
 
 
+def cmd_merge_diffusers(ws: Workspace, args) -> None:
+    """The merged single file as a diffusers folder, converted by the same importer as user bases."""
+    from lorabake import base_files
+
+    spec = next(m for m in ws.project.file.merges if m.name == args.name)
+    info = base_files.import_single_file(paths.merged(spec.name), paths.merged_diffusers(spec.name),
+                                         id_cache=Path(paths.base_id_cache()))
+    print(f"merge {spec.name}: diffusers folder {paths.merged_diffusers(spec.name)} ({info['architecture']})")
+
+
 def cmd_extract(ws: Workspace, args) -> None:
+    from lorabake import merge, models
     from lorabake.extract import extract
 
     spec = next(e for e in ws.project.file.extracts if e.name == args.name)
-    extract(Path(paths.base_dir(spec.base)), Path(paths.merged(spec.tuned)), spec.dim, spec.conv_dim,
-            Path(paths.extracted(spec.name)), spec.precision)
+    base_dir = Path(paths.base_dir(spec.base))
+    base = models.load_base(base_dir, parts=("unet", "vae", "text_encoder"))
+    if spec.tuned in ws.project.file.bases:  # a checkpoint the user has, imported like any base
+        tuned = models.load_base(Path(paths.base_dir(spec.tuned)), parts=("unet", "vae", "text_encoder"))
+        source = f"base {spec.tuned}"
+    else:
+        tuned = merge.load_merged(base_dir, Path(paths.merged(spec.tuned)))
+        source = f"merge {spec.tuned}"
+    if tuned.arch != base.arch:
+        raise ConfigError(f"{ws.project.config_file}: extracts: {spec.name}: tuned model is {tuned.arch}, base is {base.arch}")
+    extract(base, models.base_info(base_dir), tuned, Path(paths.extracted(spec.name)), dim=spec.dim,
+            conv_dim=spec.conv_dim, clamp_quantile=spec.clamp_quantile, min_diff=spec.min_diff,
+            precision=spec.precision, source=source)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -177,7 +208,8 @@ def parser() -> argparse.ArgumentParser:
     add("cache-latents", cmd_cache_latents, "encode a dataset's missing latents and write its index", "dataset", "spec")
     add("train", cmd_train, "train one run: LoRA per saved epoch, train.jsonl, loss.png", "run")
     add("sample", cmd_sample, "render a run's sample grid (epochs × strengths × prompts)", "run")
-    add("merge", cmd_merge, "merge LoRAs into a base checkpoint", "name")
+    add("merge", cmd_merge, "merge LoRAs into a base: a single-file checkpoint in the original SD layout", "name")
+    add("merge-diffusers", cmd_merge_diffusers, "write a merge's checkpoint as a diffusers folder too", "name")
     add("extract", cmd_extract, "extract a LoRA from (merged − base) by SVD", "name")
     docs = sub.add_parser("docs", help="write the option reference generated from the config models")
     docs.add_argument("--out", default="docs/options.md")

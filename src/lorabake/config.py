@@ -31,10 +31,29 @@ class Strict(BaseModel):
 
 # ---------------------------------------------------------------- project-level entries
 
-class BaseSpec(Strict):
-    """A base model. Only the embedded tiny model exists so far; checkpoints by path come later."""
+BUILTIN_ARCHITECTURES = {"tiny-sd": "sd1", "tiny-sd2-v": "sd2", "tiny-sdxl": "sdxl"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
-    builtin: Literal["tiny-sd", "tiny-sd2-v", "tiny-sdxl"]
+
+class BaseSpec(Strict):
+    """A base model: an embedded tiny model, or a checkpoint you have (a diffusers folder or a single
+    SD1.x / SD2.x / SDXL file), loaded offline with the configs lorabake ships."""
+
+    builtin: Literal["tiny-sd", "tiny-sd2-v", "tiny-sdxl"] | None = Field(
+        None, description="an embedded tiny model (SD1, SD2 v-prediction or SDXL topology)")
+    path: str | None = Field(None, description="a diffusers folder or a single .safetensors checkpoint "
+                                               "(absolute, or relative to the project root)")
+    allow_pickle: bool = Field(False, description="accept a pickled .ckpt/.pt/.bin (pickles can run code when loaded)")
+    prediction: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="override the detected prediction type (SD2 768-v checkpoints are v_prediction)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "BaseSpec":
+        if (self.builtin is None) == (self.path is None):
+            raise ValueError("give exactly one of builtin (tiny-sd, tiny-sd2-v, tiny-sdxl) or path")
+        if self.builtin is not None and (self.allow_pickle or self.prediction):
+            raise ValueError("allow_pickle and prediction apply to path bases only")
+        return self
 
 
 class DatasetSpec(Strict):
@@ -388,6 +407,16 @@ class Samples(Strict):
 class MergeLora(Strict):
     run: str
     ratio: float = 1.0
+    block_weights: list[float] | None = Field(
+        None, description="25 weights (IN00–IN11, MID, OUT00–OUT11) multiplying the ratio per UNet block; "
+                          "text encoder modules keep the ratio")
+
+    @field_validator("block_weights")
+    @classmethod
+    def _25_blocks(cls, value):
+        if value is not None and len(value) != len(BLOCKS):
+            raise ValueError(f"needs {len(BLOCKS)} values ({BLOCKS[0]}…{BLOCKS[-1]}), got {len(value)}")
+        return value
 
 
 class Merge(Strict):
@@ -395,14 +424,20 @@ class Merge(Strict):
     base: str = "tiny"
     loras: list[MergeLora] = Field(min_length=1)
     precision: Literal["fp16", "bf16", "fp32"] = "fp32"
+    diffusers: bool = Field(False, description="also write results/merged/{name}.diffusers/ (a diffusers folder)")
 
 
 class Extract(Strict):
     name: str
-    tuned: str = Field(description="name of a merge whose checkpoint is the tuned model")
+    tuned: str = Field(description="the tuned model: the name of a merge, or a key of bases (e.g. a fine-tuned "
+                                   "single-file checkpoint)")
     base: str = "tiny"
     dim: int = Field(8, ge=1)
-    conv_dim: int | None = Field(None, ge=1)
+    conv_dim: int | None = Field(None, ge=1, description="rank for 3×3 convolutions (LoCon); none: not extracted")
+    clamp_quantile: float | None = Field(0.99, gt=0.0, le=1.0, description="clamp the factors to this quantile "
+                                                                            "of their values (kohya's default 0.99)")
+    min_diff: float = Field(0.01, ge=0.0, description="text encoders are extracted only if some weight moved more "
+                                                      "than this (kohya's --min_diff)")
     precision: Literal["fp16", "bf16", "fp32"] = "fp32"
 
 
@@ -430,6 +465,10 @@ class Project(BaseModel):
 
     def dataset_root(self, name: str) -> Path:
         return self.root / self.file.datasets[name].path
+
+    def base_path(self, name: str) -> Path | None:
+        path = self.file.bases[name].path
+        return None if path is None else self.root / path
 
     def runs_using(self, dataset: str) -> list[str]:
         return [name for name, run in self.runs.items() if dataset in run.datasets]
@@ -577,6 +616,8 @@ def check_references(project: Project) -> None:
         for ds in run.datasets:
             if ds not in f.datasets:
                 problems.append(f"{where}: datasets: '{ds}' is not a key of datasets in {project.config_file.name} ({sorted(f.datasets)})")
+    for name in sorted(f.bases):
+        problems += _check_base(project, name)
     merge_names = [m.name for m in f.merges]
     for i, merge in enumerate(f.merges):
         problems += _check_name(project, f"merges.{i}.name", merge.name)
@@ -587,8 +628,9 @@ def check_references(project: Project) -> None:
                 problems.append(f"{project.config_file}: merges.{i}.loras.{j}.run: no run named '{lora.run}' in {project.config_file.parent / 'runs'}")
     for i, extract in enumerate(f.extracts):
         problems += _check_name(project, f"extracts.{i}.name", extract.name)
-        if extract.tuned not in merge_names:
-            problems.append(f"{project.config_file}: extracts.{i}.tuned: '{extract.tuned}' is not the name of a merge ({merge_names})")
+        if extract.tuned not in merge_names and extract.tuned not in f.bases:
+            problems.append(f"{project.config_file}: extracts.{i}.tuned: '{extract.tuned}' is neither a merge "
+                            f"({merge_names}) nor a key of bases ({sorted(f.bases)})")
         if extract.base not in f.bases:
             problems.append(f"{project.config_file}: extracts.{i}.base: '{extract.base}' is not a key of bases")
     for kind, names in (("merges", merge_names), ("extracts", [e.name for e in f.extracts])):
@@ -597,6 +639,22 @@ def check_references(project: Project) -> None:
             problems.append(f"{project.config_file}: {kind}: names used twice: {duplicated}")
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _check_base(project: Project, name: str) -> list[str]:
+    """A path base must exist, and a pickle needs the opt-in, before any job runs."""
+    path, spec = project.base_path(name), project.file.bases[name]
+    where = f"{project.config_file}: bases.{name}.path"
+    if path is None:
+        return []
+    if not path.exists():
+        return [f"{where}: {path} does not exist (a diffusers folder or a .safetensors file; relative paths "
+                "start at the project root)"]
+    if path.suffix.lower() in PICKLE_SUFFIXES and not spec.allow_pickle:
+        return [f"{where}: {path} is a pickled checkpoint, and loading a pickle can run arbitrary code. "
+                f"Convert it to .safetensors, or, if you trust its source, set `allow_pickle: true` under "
+                f"bases.{name} in {project.config_file.name}"]
+    return []
 
 
 def _check_name(project: Project, key: str, name: str) -> list[str]:

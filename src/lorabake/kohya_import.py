@@ -252,7 +252,7 @@ TUCKER_ALIASES = ("use_cp", "use_conv_cp")  # older lycoris names of use_tucker
 
 # Why keys without a lorabake equivalent are left out, by group.
 NOT_CARRIED: dict[str, tuple[str, ...]] = {
-    "kohya_ss / accelerate bookkeeping: lorabake's workflow decides where outputs, logs and caches go": (
+    "nothing lost: kohya_ss / accelerate bookkeeping; lorabake's workflow decides where outputs, logs and caches go": (
         "output_dir", "logging_dir", "log_with", "log_prefix", "log_config", "log_tracker_name", "log_tracker_config",
         "wandb_api_key", "wandb_run_name", "use_wandb", "model_list", "training_comment", "save_model_as",
         "max_data_loader_n_workers", "persistent_data_loader_workers", "vae_batch_size", "cache_latents_to_disk",
@@ -261,21 +261,21 @@ NOT_CARRIED: dict[str, tuple[str, ...]] = {
         "highvram", "mem_eff_save", "disable_mmap_load_safetensors", "output_config", "config_file", "debug_dataset",
         "cache_info", "tokenizer_cache_dir", "torch_compile", "ddp_timeout", "ddp_gradient_as_bucket_view",
         "ddp_static_graph", "save_as_bool", "console_log_level", "console_log_file", "console_log_simple"),
-    "uploading to the Hugging Face Hub is not part of lorabake": (
+    "nothing lost: uploading to the Hugging Face Hub is not part of lorabake": (
         "huggingface_repo_id", "huggingface_token", "huggingface_repo_type", "huggingface_repo_visibility",
         "huggingface_path_in_repo", "save_state_to_huggingface", "resume_from_huggingface", "async_upload"),
-    "lorabake writes its own ss_* and modelspec.* metadata": (
+    "nothing lost: lorabake writes its own ss_* and modelspec.* metadata": (
         "metadata_author", "metadata_description", "metadata_license", "metadata_tags", "metadata_title",
         "no_metadata"),
-    "lorabake renders sample grids from the saved checkpoints after training (configs/config.yaml samples)": (
+    "nothing lost: lorabake renders sample grids from the saved checkpoints after training (config.yaml samples)": (
         "sample_every_n_epochs", "sample_every_n_steps", "sample_at_first"),
-    "resuming: a lorabake rerun resumes from its own saved state (save.state)": (
+    "nothing lost: a lorabake rerun resumes from its own saved state (save.state)": (
         "resume", "initial_epoch", "initial_step", "skip_until_initial_step"),
-    "lorabake decides this itself (it caches text-encoder outputs when nothing trains the text encoder)": (
+    "nothing lost: lorabake decides itself whether to cache text-encoder outputs": (
         "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "sdxl_cache_text_encoder_outputs",
         "text_encoder_batch_size"),
     "not available in lorabake: the run will differ from kohya's here": (
-        "huber_c", "huber_scale", "huber_schedule", "ip_noise_gamma", "ip_noise_gamma_random_strength",
+        "ip_noise_gamma", "ip_noise_gamma_random_strength",
         "noise_offset_random_strength", "min_timestep", "max_timestep", "debiased_estimation_loss",
         "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "zero_terminal_snr", "masked_loss", "alpha_mask",
         "fp8_base", "fp8_base_unet", "face_crop_aug_range", "token_warmup_min", "token_warmup_step",
@@ -291,16 +291,21 @@ NOT_CARRIED: dict[str, tuple[str, ...]] = {
         "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "train_on_input",
         "conv_block_dims", "conv_block_alphas", "wd_on_output"),
 }
+NOTHING_LOST = "nothing lost: "  # the prefix of reasons for keys whose omission changes nothing
+# Values that describe what lorabake does anyway.
+LORABAKE_BEHAVIOUR = {"loss_type": "l2", "max_timestep": 1000, "save_model_as": "safetensors"}
 SPECIFIC_REASONS = {
+    "huber_c": "nothing lost: only used by loss_type huber / smooth_l1",
+    "huber_scale": "nothing lost: only used by loss_type huber / smooth_l1",
+    "huber_schedule": "nothing lost: only used by loss_type huber / smooth_l1",
     "max_grad_norm": "lorabake does not clip gradients; kohya clipped their norm to this value (0 turns it off)",
     "loss_type": "lorabake trains with the L2 (mean squared error) loss, kohya's l2; huber and smooth_l1 are not available",
     "additional_parameters": "extra sd-scripts flags passed verbatim: carry them over by hand",
-    "epoch": "sd-scripts has no --epoch: kohya_ss writes it for its own step count, which max_train_steps carries",
-    "num_repeats": "overridden by every subset's own num_repeats",
-    "class_tokens": "overridden by every subset's own class_tokens",
+    "epoch": "nothing lost: sd-scripts has no --epoch: kohya_ss writes it for its own step count, which max_train_steps carries",
+    "num_repeats": "nothing lost: every subset sets its own num_repeats",
+    "class_tokens": "nothing lost: every subset sets its own class_tokens",
     "LyCORIS_preset": "lorabake trains kohya's LoRA/LoCon layers (presets/kohya-lora.toml, kohya-locon.toml)",
     "preset": "lorabake trains kohya's LoRA/LoCon layers (presets/kohya-lora.toml, kohya-locon.toml)",
-    "additional_network_arguments": "not a kohya key",
 }
 KOHYA_TELLTALES = ("pretrained_model_name_or_path", "network_module", "network_dim", "LoRA_type", "train_data_dir",
                    "optimizer", "optimizer_type", "learning_rate", "max_resolution", "resolution", "output_name")
@@ -405,6 +410,12 @@ def _resolution(entry: Entry) -> int | list[int]:
     return sides[0] if len(set(sides)) == 1 else sides
 
 
+def _numbers(entry: Entry) -> list[float]:
+    """"2,2,4" (kohya_ss), or the list a network_args value "2,2,4" reads as."""
+    items = entry.value if isinstance(entry.value, list) else str(entry.value).split(",")
+    return [_number(Entry(entry.label, item, entry.file)) for item in items]
+
+
 def _literal(text: str) -> Any:
     """A network_args / optimizer_args value: sd-scripts reads optimizer args with ast.literal_eval;
     networks read strings and convert them ("True", "4"), which this covers too."""
@@ -458,7 +469,7 @@ class _Importer:
             return None
         self.handled.add(entry.label)
         if _unset(entry.value):
-            self.unmapped.append((entry.label, entry.value, "empty: not set in kohya"))
+            self.unmapped.append((entry.label, entry.value, "nothing lost: empty, not set in kohya"))
             return None
         return entry
 
@@ -469,7 +480,7 @@ class _Importer:
             return None
         value = convert(entry)
         if not value:
-            self.skip(entry, "0: not set in kohya")
+            self.skip(entry, "nothing lost: 0, not set in kohya")
             return None
         return entry, value
 
@@ -492,12 +503,16 @@ class _Importer:
         self.handled.add(entry.label)
         self.unmapped.append((entry.label, entry.value, reason))
 
-    def kohya_default(self, key: str, dotted: str, value: Any = None) -> None:
-        """A key the TOML leaves out: sd-scripts' default, written where lorabake's default differs."""
-        value = SD_SCRIPTS_DEFAULTS.get(key) if value is None else value
-        if self.flavor == "sd-scripts" and key not in self.entries and value != _lorabake_default(dotted):
-            _put(self.run, dotted, value)
-            self.mapped.append((f"{key} (not set: sd-scripts default)", dotted, value))
+    def kohya_default(self, key: str, dotted: str) -> None:
+        """A key the TOML leaves out, or either file leaves empty (kohya_ss does not pass empty values):
+        sd-scripts' default, written where lorabake's default differs."""
+        entry = self.entries.get(key)
+        absent = entry is None and self.flavor == "sd-scripts"
+        if key in SD_SCRIPTS_DEFAULTS and (absent or (entry is not None and _unset(entry.value))):
+            value = SD_SCRIPTS_DEFAULTS[key]
+            if value != _lorabake_default(dotted):
+                _put(self.run, dotted, value)
+                self.mapped.append((f"{key} (not set: sd-scripts default)", dotted, value))
 
     def finish(self) -> None:
         """Every entry nothing mapped goes to unmapped with the reason."""
@@ -507,10 +522,12 @@ class _Importer:
 
 
 def _reason_not_carried(key: str, value: Any) -> str:
+    if _off(value):
+        return "nothing lost: off or empty in kohya"
+    if key in LORABAKE_BEHAVIOUR and LORABAKE_BEHAVIOUR[key] == value:
+        return "nothing lost: lorabake does the same"
     if key in SPECIFIC_REASONS:
         return SPECIFIC_REASONS[key]
-    if _off(value):
-        return "off or empty in kohya: nothing to carry over"
     group = next((reason for reason, keys in NOT_CARRIED.items() if key in keys), None)
     return group or "no lorabake equivalent (an option of another kohya_ss tab or model family, or unknown)"
 
@@ -639,7 +656,7 @@ def _map_model(imp: _Importer) -> None:
         if flag is not None and _boolean(flag):
             imp.record(flag, f"bases.{name}", f"{architecture} (read from the checkpoint)")
         elif flag is not None:
-            imp.skip(flag, "off in kohya: nothing to carry over")
+            imp.skip(flag, "nothing lost: off in kohya")
     v_param = imp.take("v_parameterization")
     if v_param is not None:  # kohya trains the epsilon target unless told otherwise, whatever the base
         imp.set(v_param, "loss.prediction", "v_prediction" if _boolean(v_param) else "epsilon")
@@ -679,7 +696,7 @@ def _map_datasets(imp: _Importer, subsets: list[_Subset], base_dir: Path, from_t
         for key in ("train_data_dir", "reg_data_dir"):
             entry = imp.take(key)
             if entry is not None:
-                imp.skip(entry, "sd-scripts ignores it when a dataset config is given")
+                imp.skip(entry, "nothing lost: sd-scripts ignores it when a dataset config is given")
         _plan_subset_folders(imp, subsets, names)
     else:
         _plan_kohya_folders(imp, names[0], base_dir)
@@ -715,8 +732,8 @@ def _map_dataset_setting(imp: _Importer, subsets: list[_Subset], key: str, dotte
                             "set it in the run file")
     for label, entry in present.items():
         if label not in used and label not in imp.handled:
-            imp.skip(entry, "empty: not set in kohya" if _unset(entry.value)
-                     else "overridden: every subset takes this from a more specific table")
+            imp.skip(entry, "nothing lost: empty, not set in kohya" if _unset(entry.value)
+                     else "nothing lost: every subset takes this from a more specific table")
 
 
 def _caption_extension(entry: Entry) -> str:
@@ -747,17 +764,21 @@ def _plan_subset_folders(imp: _Importer, subsets: list[_Subset], names: list[str
                 imp.skip(subset.own["metadata_file"], "fine-tuning datasets (captions in a metadata JSON) are not "
                          "supported: lorabake reads <repeats>_<concept>/ folders with caption files beside the images")
             continue
-        repeats_entry, tokens_entry = _layered(subset, "num_repeats"), _layered(subset, "class_tokens")
-        reg_entry = subset.own.get("is_reg")
-        repeats = _integer(repeats_entry) if repeats_entry else 1  # sd-scripts' default num_repeats
-        concept = _text(tokens_entry) if tokens_entry else _concept(_text(image_dir))
-        plan = FolderPlan(names[subset.dataset], _text(image_dir), repeats, concept,
-                          bool(reg_entry and _boolean(reg_entry)))
+        repeats, tokens = _layered(subset, "num_repeats"), _layered(subset, "class_tokens")
+        is_reg = subset.own.get("is_reg")
+        plan = FolderPlan(names[subset.dataset], _text(image_dir),
+                          _integer(repeats) if repeats else 1,  # sd-scripts' default num_repeats
+                          _text(tokens) if tokens else _concept(_text(image_dir)),
+                          bool(is_reg and _boolean(is_reg)))
         imp.folders.append(plan)
         imp.record(image_dir, "folder", plan.target)
-        for entry, what in ((repeats_entry, "folder repeats"), (tokens_entry, "folder concept"), (reg_entry, "reg/")):
+        for entry, what in ((repeats, "<repeats> of"), (tokens, "<concept> of")):
             if entry is not None:
-                imp.record(entry, what, plan.target)
+                imp.record(entry, f"{what} {plan.target}", entry.value)
+        if is_reg is not None and plan.is_reg:
+            imp.record(is_reg, "reg/ folder", plan.target)
+        elif is_reg is not None:
+            imp.skip(is_reg, "nothing lost: off in kohya")
 
 
 def _local_dir(text: str, base_dir: Path) -> Path | None:
@@ -803,7 +824,7 @@ def _network_source(imp: _Importer) -> tuple[Entry | None, str, str | None, dict
     args: dict[str, Entry] = {}
     args_entry = imp.take("network_args")
     if args_entry is not None:
-        imp.handled.add(args_entry.label)
+        imp.record(args_entry, "network.* (item by item below)", args_entry.value)
         for arg in _key_value_args(args_entry, "network_args"):
             name = arg.label.split(".", 1)[1]
             imp.entries[arg.label] = arg
@@ -828,8 +849,8 @@ def _gui_network(imp: _Importer) -> tuple[Entry | None, str, str | None, dict[st
             args[GUI_ARG_NAMES.get(key, key)] = arg
     for key in sorted(GUI_NETWORK_KEYS - set(passed)):
         if key in imp.entries and imp.entries[key].label not in imp.handled:
-            imp.skip(imp.entries[key], "off or empty in kohya: nothing to carry over" if _off(imp.entries[key].value)
-                     else f"kohya_ss does not pass it for LoRA_type {lora_type}")
+            imp.skip(imp.entries[key], "nothing lost: off or empty in kohya" if _off(imp.entries[key].value)
+                     else f"nothing lost: kohya_ss does not pass it for LoRA_type {lora_type}")
     return entry, module, algo, args
 
 
@@ -857,80 +878,92 @@ def _map_network(imp: _Importer) -> None:
     _map_conv(imp, kind, args, dim, alpha)
     _map_dropouts(imp, kind, args)
     _map_blocks(imp, kind, args)
-    _map_lycoris_args(imp, kind, args)
-    for name, arg in args.items():
-        if arg.label not in imp.handled:
-            imp.skip(arg, _reason_not_carried(name, arg.value) if name in SPECIFIC_REASONS or _off(arg.value)
-                     else f"{module} {'(algo ' + kind.algo + ') ' if algo else ''}has no such option lorabake carries")
+    if kind.conv_follows_dim or kind.algo != "lora":  # networks.lora reads none of LyCORIS' options
+        _map_lycoris_args(imp, args)
+    for name, arg in args.items():  # what the mappers above did not consume
+        imp.skip(arg, _reason_not_carried(name, arg.value))
 
 
 def _map_dim_alpha(imp: _Importer) -> tuple[int, float]:
     entry = imp.take("network_dim")
-    dim = _integer(entry) if entry else 4  # networks.lora and lycoris.kohya: None → 4
     if entry is not None:
+        dim = _integer(entry)
         imp.set(entry, "network.dim", dim)
     else:
         imp.kohya_default("network_dim", "network.dim")
-        _put(imp.run, "network.dim", dim)
+        dim = imp.run.get("network", {}).get("dim", _lorabake_default("network.dim"))
     entry = imp.take("network_alpha")
-    alpha = _number(entry) if entry else 1.0  # sd-scripts' --network_alpha default
-    if entry is not None and alpha == 0:  # LoRAModule: alpha 0 or None means alpha = dim (no scaling)
+    alpha = _number(entry) if entry is not None else 1.0  # sd-scripts' --network_alpha default, lorabake's too
+    if entry is not None and alpha == 0 and imp.flavor == "gui":
+        imp.skip(entry, "nothing lost: kohya_ss does not pass 0, so sd-scripts used its default alpha 1 (lorabake's too)")
+        alpha = 1.0
+    elif entry is not None and alpha == 0:  # LoRAModule: alpha 0 means alpha = dim, no scaling
         imp.set(entry, "network.alpha", float(dim))
-        return dim, float(dim)
-    if entry is not None:
+        alpha = float(dim)
+    elif entry is not None:
         imp.set(entry, "network.alpha", alpha)
-    else:
-        _put(imp.run, "network.alpha", alpha)
     return dim, alpha
 
 
 def _map_conv(imp: _Importer, kind: NetworkKind, args: dict[str, Entry], dim: int, alpha: float) -> None:
-    """kohya's networks trains 3×3 convolutions only when conv_dim is given (conv_alpha then defaults to 1);
-    LyCORIS always does, conv_dim/conv_alpha defaulting to network_dim/alpha (0 counts as not given)."""
+    """kohya's networks train 3×3 convolutions only when conv_dim is given (conv_alpha then defaults to 1);
+    lycoris.kohya defaults conv_dim/conv_alpha to network_dim/alpha when network_args leave them out.
+    conv_dim 0 means no convolutions; conv_alpha 0 means alpha = conv_dim (LoRAModule), lorabake's default."""
     dim_entry, alpha_entry = args.pop("conv_dim", None), args.pop("conv_alpha", None)
-    conv_dim = _integer(dim_entry) if dim_entry else 0
-    conv_alpha = _number(alpha_entry) if alpha_entry else 0.0
-    if kind.conv_follows_dim:
-        conv_dim, conv_alpha = conv_dim or dim, conv_alpha or alpha
-    elif not conv_dim:
-        for entry in (dim_entry, alpha_entry):
-            if entry is not None:
-                imp.skip(entry, "0: convolutions are not trained (as in kohya)" if entry is dim_entry
-                         else "only used with conv_dim")
+    conv_dim = _integer(dim_entry) if dim_entry is not None else (dim if kind.conv_follows_dim else 0)
+    if not conv_dim:
+        if dim_entry is not None:
+            imp.skip(dim_entry, "approximate: 0 trains no 3×3 convolutions; LyCORIS' preset still trains the ResNet "
+                     "blocks' linear layers, lorabake then trains kohya's LoRA layers" if kind.conv_follows_dim
+                     else "nothing lost: 0, 3×3 convolutions are not trained, as in kohya")
+        if alpha_entry is not None:
+            imp.skip(alpha_entry, "nothing lost: only used with conv_dim")
         return
-    else:
-        conv_alpha = conv_alpha or 1.0
-    for entry, dotted, value in ((dim_entry, "network.conv_dim", conv_dim), (alpha_entry, "network.conv_alpha", conv_alpha)):
+    conv_alpha = _number(alpha_entry) if alpha_entry is not None else (alpha if kind.conv_follows_dim else 1.0)
+    for entry, dotted, value in ((dim_entry, "network.conv_dim", conv_dim),
+                                 (alpha_entry, "network.conv_alpha", conv_alpha or None)):
         if entry is not None:
             imp.set(entry, dotted, value)
-        else:
+        elif value is not None:
             _put(imp.run, dotted, value)
-            imp.mapped.append((f"{dotted.split('.')[1]} (not set: kohya's default)", dotted, value))
+            default_of = "LyCORIS: network_" + dotted.split("_")[-1] if kind.conv_follows_dim else "networks.lora: 1"
+            imp.mapped.append((f"{dotted.split('.')[1]} (not set: {default_of})", dotted, value))
 
 
 def _map_dropouts(imp: _Importer, kind: NetworkKind, args: dict[str, Entry]) -> None:
+    """--network_dropout reaches LyCORIS as its `dropout` unless network_args set one (train_network.py's
+    "workaround for LyCORIS"); lycoris-lora applies it, and rank_dropout, only in some module types."""
     entry = imp.take("network_dropout")
-    if entry is not None and kind.conv_follows_dim and _number(entry):
-        # train_network.py passes it as neuron_dropout=, which lycoris.kohya.create_network never reads
-        imp.skip(entry, "kohya ignored it: LyCORIS reads dropout from network_args, not --network_dropout")
-    elif entry is not None:
-        imp.set(entry, "network.dropout", _number(entry))
-    if "dropout" in args and kind.conv_follows_dim:
-        imp.set(args.pop("dropout"), "network.dropout", _number(imp.entries[f"network_args.dropout"])
-                if "network_args.dropout" in imp.entries else 0.0)
-    for name in ("rank_dropout", "module_dropout"):
-        if name in args:
-            imp.set(args[name], f"network.{name}", _number(args.pop(name)))
+    arg = args.pop("dropout", None) if kind.conv_follows_dim else None
+    if arg is not None and entry is not None:
+        imp.skip(entry, "nothing lost: network_args dropout overrides it (sd-scripts)")
+    source = arg or entry
+    if source is not None:
+        if _number(source) and kind.algo not in ("lora", "locon"):
+            imp.skip(source, f"nothing lost: lycoris-lora applies dropout in LoRA/LoCon modules only, so kohya's {kind.algo} "
+                             "ignored it; module_dropout or rank_dropout work there")
+        else:
+            imp.set(source, "network.dropout", _number(source))
+    for name, algos in (("rank_dropout", ("lora", "locon", "loha", "lokr", "glora")), ("module_dropout", ALGOS)):
+        if name not in args:
+            continue
+        item = args.pop(name)
+        if _number(item) and kind.algo not in algos:
+            imp.skip(item, f"nothing lost: lycoris-lora applies {name} in {', '.join(algos)} modules only, so kohya's {kind.algo} "
+                           "ignored it")
+        else:
+            imp.set(item, f"network.{name}", _number(item))
     if "factor" in args:
-        imp.set(args["factor"], "network.factor", _integer(args.pop("factor")))
+        item = args.pop("factor")
+        imp.set(item, "network.factor", _integer(item))
 
 
-def _map_lycoris_args(imp: _Importer, kind: NetworkKind, args: dict[str, Entry]) -> None:
-    for name in sorted(set(args) & (LYCORIS_ARGS | {"constraint"})):
+def _map_lycoris_args(imp: _Importer, args: dict[str, Entry]) -> None:
+    for name in sorted(set(args) & LYCORIS_ARGS):
         entry = args.pop(name)
         if _off(entry.value):
-            imp.skip(entry, "off (LyCORIS' default): nothing to carry over")
-        elif name == "constraint" or name == "block_size":
+            imp.skip(entry, "nothing lost: off, LyCORIS' default")
+        elif name in ("constraint", "block_size"):
             imp.set(entry, f"network.args.{name}", _number(entry) if name == "constraint" else _integer(entry))
         else:
             imp.set(entry, f"network.args.{name}", _boolean(entry))
@@ -949,7 +982,7 @@ def _map_blocks(imp: _Importer, kind: NetworkKind, args: dict[str, Entry]) -> No
         entry = args.pop(name, None)
         if entry is None:
             continue
-        values = [_number(Entry(entry.label, v, entry.file)) for v in str(entry.value).split(",")]
+        values = _numbers(entry)
         if len(values) != len(BLOCKS) or sdxl:
             imp.skip(entry, f"{len(values)} values: lorabake's block options use the 25 SD1 blocks (IN00–OUT11); "
                             "kohya's SDXL layout has 23")
@@ -979,7 +1012,7 @@ def _lr_weight_list(entry: Entry | None, count: int) -> list[float]:
     if name in curves:
         base = _number(Entry(entry.label, offset, entry.file)) if offset else 0.0
         return [curves[name](i) + base for i in range(count)]
-    values = [_number(Entry(entry.label, v, entry.file)) for v in text.split(",")][:count]
+    values = _numbers(entry)[:count]
     return values + [1.0] * (count - len(values))
 
 
@@ -1060,32 +1093,45 @@ def _adafactor_relative_step(imp: _Importer, args: dict[str, Any]) -> None:
                 imp.record(entry, "scheduler.type", "adafactor")
 
 
+ADAPTIVE = ("prodigy", "dadapt_adam", "dadapt_lion")
+
+
 def _map_learning_rates(imp: _Importer, optimizer: str | None) -> None:
-    lr_entry = imp.take("learning_rate")
+    lr_entry, unet, te = imp.take("learning_rate"), imp.take("unet_lr"), imp.take("text_encoder_lr")
+    lr = _number(lr_entry) if lr_entry is not None else None
+    rates = {"unet_lr": (unet, _number(unet) if unet else 0.0), "text_encoder_lr": (te, _text_encoder_lr(imp, te))}
+    unet_lr, te_lr = rates["unet_lr"][1], rates["text_encoder_lr"][1]
+    if imp.flavor == "gui":  # lora_gui.py resolve_network_train_flags: a zero rate switches that part off
+        for entry, rate, other, dotted in ((te, te_lr, unet_lr, "network.train_text_encoder"),
+                                           (unet, unet_lr, te_lr, "network.train_unet")):
+            if entry is not None and rate == 0 and other != 0:
+                imp.set(entry, dotted, False)
+    _train_only_flags(imp)
+    if optimizer in ADAPTIVE and len({unet_lr or lr, te_lr or lr}) > 1:
+        lr = _one_adaptive_rate(imp, optimizer, rates, lr)
     if lr_entry is not None:
-        imp.set(lr_entry, "optimizer.lr", _number(lr_entry))
+        imp.set(lr_entry, "optimizer.lr", lr)
+    elif lr is not None:
+        _put(imp.run, "optimizer.lr", lr)
     else:
         imp.kohya_default("learning_rate", "optimizer.lr")
-    unet, te = imp.take("unet_lr"), imp.take("text_encoder_lr")
-    unet_lr = _number(unet) if unet else 0.0
-    te_lr = _text_encoder_lr(imp, te) if te else 0.0
-    if imp.flavor == "gui":  # lora_gui.py resolve_network_train_flags: a zero rate switches that part off
-        if te is not None and te_lr == 0 and unet_lr != 0:
-            imp.set(te, "network.train_text_encoder", False)
-        if unet is not None and unet_lr == 0 and te_lr != 0:
-            imp.set(unet, "network.train_unet", False)
-    for entry, name, rate in ((unet, "unet_lr", unet_lr), (te, "text_encoder_lr", te_lr)):
-        if entry is not None and rate:
+    for name, (entry, rate) in rates.items():
+        if entry is None or _accounted(imp, entry):
+            continue
+        if rate:
             imp.set(entry, f"optimizer.{name}", rate)
-        elif entry is not None and entry.label not in imp.handled:
-            imp.skip(entry, "0: not set in kohya (learning_rate applies)")
-    _train_only_flags(imp)
-    if optimizer in ("prodigy", "dadapt_adam", "dadapt_lion"):
-        _one_adaptive_rate(imp)
+        else:
+            imp.skip(entry, "nothing lost: 0, not set in kohya (learning_rate applies)")
 
 
-def _text_encoder_lr(imp: _Importer, entry: Entry) -> float:
+def _accounted(imp: _Importer, entry: Entry) -> bool:
+    return any(row[0] == entry.label for row in imp.mapped) or any(row[0] == entry.label for row in imp.unmapped)
+
+
+def _text_encoder_lr(imp: _Importer, entry: Entry | None) -> float:
     """sd-scripts takes one rate per text encoder (a list on SDXL); lorabake has one."""
+    if entry is None:
+        return 0.0
     if not isinstance(entry.value, list):
         return _number(entry)
     rates = [_number(Entry(entry.label, v, entry.file)) for v in entry.value]
@@ -1101,31 +1147,22 @@ def _train_only_flags(imp: _Importer) -> None:
         if entry is not None and _boolean(entry):
             imp.set(entry, dotted, False)
         elif entry is not None:
-            imp.skip(entry, "off in kohya: nothing to carry over")
+            imp.skip(entry, "nothing lost: off in kohya")
 
 
-def _one_adaptive_rate(imp: _Importer) -> None:
-    """Prodigy / D-Adaptation estimate one step size: kohya warns that with several rates only the first
-    param group's counts (the text encoder's, when it trains); lorabake asks for one rate, so it gets that."""
-    opt = imp.run.get("optimizer", {})
-    lr = opt.get("lr", _lorabake_default("optimizer.lr"))
-    unet, te = opt.get("unet_lr") or lr, opt.get("text_encoder_lr") or lr
-    if unet == te:
-        return
+def _one_adaptive_rate(imp: _Importer, optimizer: str, rates: dict[str, tuple[Entry | None, float]],
+                       lr: float | None) -> float:
+    """Prodigy and D-Adaptation estimate one step size; with several rates kohya warns that only the first
+    param group's counts (the text encoder's, when it trains: networks/lora.py prepare_optimizer_params),
+    and lorabake asks for one rate, so the run gets that one."""
+    base = lr if lr is not None else SD_SCRIPTS_DEFAULTS["learning_rate"]
     trains_te = imp.run.get("network", {}).get("train_text_encoder", True)
-    first = te if trains_te else unet
-    opt.pop("unet_lr", None)
-    opt.pop("text_encoder_lr", None)
-    opt["lr"] = first
-    for label in ("unet_lr", "text_encoder_lr"):
-        entry = imp.entries.get(label)
-        if entry is not None:
-            imp.unmapped.append((entry.label, entry.value, f"approximate: {opt_name(imp)} uses one rate; kohya "
-                                 f"applies only the first param group's, so optimizer.lr = {first:g}"))
-
-
-def opt_name(imp: _Importer) -> str:
-    return str(imp.run.get("optimizer", {}).get("type", "this optimizer"))
+    first = (rates["text_encoder_lr"][1] or base) if trains_te else (rates["unet_lr"][1] or base)
+    for entry, _ in rates.values():
+        if entry is not None and not _accounted(imp, entry):
+            imp.skip(entry, f"approximate: {optimizer} takes one learning rate; kohya used the first param "
+                            f"group's, so optimizer.lr = {first:g}")
+    return first
 
 
 def _map_schedule(imp: _Importer) -> None:
@@ -1146,7 +1183,7 @@ def _map_schedule(imp: _Importer) -> None:
         if item is not None and scheduler == user:
             imp.set(item, dotted, convert(item))
         elif item is not None:
-            imp.skip(item, f"used only by the {user} schedule (this run: {scheduler})")
+            imp.skip(item, f"nothing lost: used only by the {user} schedule (this run: {scheduler})")
         elif key == "lr_scheduler_num_cycles" and scheduler == user and "epochs" in imp.run.get("training", {}):
             # lora_gui.py: an empty cycles field means one cycle per epoch
             cycles = imp.run["training"]["epochs"]
@@ -1163,11 +1200,11 @@ def _warmup_request(imp: _Importer) -> tuple[Entry, float | None, int | None] | 
         return steps, _number(Entry(steps.label, value.strip()[:-1], steps.file)) / 100, None
     amount = _number(steps) if steps is not None else 0.0
     if amount and percent:
-        imp.skip(percent[0], "lr_warmup_steps overrides it (kohya_ss resolve_lr_warmup_steps)")
+        imp.skip(percent[0], "nothing lost: lr_warmup_steps overrides it (kohya_ss resolve_lr_warmup_steps)")
     if amount:
         return (steps, amount, None) if amount < 1 else (steps, None, int(amount))
     if steps is not None:
-        imp.skip(steps, "0: no warm-up")
+        imp.skip(steps, "nothing lost: 0, no warm-up")
     return (percent[0], percent[1] / 100, None) if percent else None
 
 
@@ -1205,13 +1242,13 @@ def _map_duration(imp: _Importer) -> None:
         imp.set(epochs[0], "training.epochs", epochs[1])
         for other in (steps, gui_epochs):
             if other:
-                imp.skip(other[0], "max_train_epochs overrides it (sd-scripts)")
+                imp.skip(other[0], "nothing lost: max_train_epochs overrides it (sd-scripts)")
     elif steps:
         imp.set(steps[0], "training.max_steps", steps[1])
         imp.set(steps[0], "training.epochs", steps[1])  # an upper bound: max_steps ends the run first
         imp.total_steps = steps[1]
         if gui_epochs:
-            imp.skip(gui_epochs[0], "kohya_ss uses it only to compute max_train_steps when that is 0")
+            imp.skip(gui_epochs[0], "nothing lost: kohya_ss uses it only to compute max_train_steps when that is 0")
     elif gui_epochs:
         imp.set(gui_epochs[0], "training.epochs", gui_epochs[1])
     elif imp.flavor == "sd-scripts":
@@ -1246,6 +1283,11 @@ SIMPLE: dict[str, tuple[str, Callable[[Entry], Any]]] = {
 }
 
 
+# kohya_ss leaves values equal to 0 out of the sd-scripts config, so sd-scripts' default applies instead
+# (lora_gui.py: `if value not in ["", False, None]`, and 0 == False); where that default is not 0 it matters.
+GUI_DROPPED_ZEROS = {"prior_loss_weight": 1.0}
+
+
 def _map_simple(imp: _Importer) -> None:
     for key, (dotted, convert) in SIMPLE.items():
         entry = imp.take(key)
@@ -1253,9 +1295,14 @@ def _map_simple(imp: _Importer) -> None:
             imp.kohya_default(key, dotted)
             continue
         try:
-            imp.set(entry, dotted, convert(entry))
+            value = convert(entry)
         except _NotCarried as e:
             imp.skip(entry, str(e))
+            continue
+        if imp.flavor == "gui" and value == 0 and key in GUI_DROPPED_ZEROS:
+            imp.skip(entry, f"nothing lost: kohya_ss does not pass 0, so sd-scripts used its default {GUI_DROPPED_ZEROS[key]}")
+        else:
+            imp.set(entry, dotted, value)
     if "init_weights" in imp.run.get("network", {}):
         imp.notes.append("network.init_weights is relative to the project root: copy the LoRA file there.")
     precision = [e for e in (imp.take("full_fp16"), imp.take("full_bf16")) if e is not None]
@@ -1263,45 +1310,46 @@ def _map_simple(imp: _Importer) -> None:
         if _boolean(entry):
             imp.set(entry, "training.full_precision", True)
         else:
-            imp.skip(entry, "off in kohya: nothing to carry over")
+            imp.skip(entry, "nothing lost: off in kohya")
     _map_seed(imp)
 
 
 def _map_seed(imp: _Importer) -> None:
-    entry = imp.take("seed")
-    seed = _integer(entry) if entry is not None else 0
-    if seed:
-        imp.set(entry, "training.seed", seed)
-        return
-    if entry is not None:
-        imp.skip(entry, "0: kohya drew a random seed; lorabake uses a fixed one (training.seed, default 42)")
-    imp.notes.append("kohya drew a random seed for this run; lorabake's runs use training.seed (default 42), so "
-                     "they are reproducible.")
+    entry = imp.entries.get("seed")
+    imp.handled.add("seed")
+    seed = 0 if entry is None or _unset(entry.value) else _integer(entry)
+    random = "kohya drew a random seed (none given); lorabake uses training.seed, default 42, so reruns repeat"
+    if seed or (entry is not None and imp.flavor == "sd-scripts" and not _unset(entry.value)):
+        imp.set(entry, "training.seed", seed)  # kohya_ss passes 0 as "no seed"; sd-scripts seeds with 0
+    elif entry is not None:
+        imp.skip(entry, f"approximate: {random}")
+    else:
+        imp.notes.append(random + ".")
 
 
 def _map_attention(imp: _Importer) -> None:
-    """kohya: --sdpa, --xformers or --mem_eff_attn pick a kernel, none means its plain attention.
+    """kohya: --sdpa, --xformers or --mem_eff_attn pick a kernel; none of them means its plain attention.
     kohya_ss stores the choice as xformers = "xformers" | "sdpa" | "none"."""
     entries = {key: imp.take(key) for key in ("sdpa", "xformers", "mem_eff_attn")}
-    xformers = str(entries["xformers"].value).lower() if entries["xformers"] else ""
+    on = {key: e for key, e in entries.items() if e is not None and str(e.value).lower() in ("true", "xformers", "sdpa")}
     same_math = "lorabake uses torch's scaled_dot_product_attention (same math, another kernel)"
-    if entries["sdpa"] is not None and _boolean(entries["sdpa"]) or xformers == "sdpa":
-        chosen, source, approximate = "sdpa", entries["sdpa"] or entries["xformers"], None
-    elif xformers in ("xformers", "true"):
-        chosen, source, approximate = "sdpa", entries["xformers"], "xformers' kernel; " + same_math
-    elif entries["mem_eff_attn"] is not None and _boolean(entries["mem_eff_attn"]):
-        chosen, source, approximate = "sdpa", entries["mem_eff_attn"], "kohya's memory-efficient attention; " + same_math
+    if "sdpa" in on or str(entries["xformers"] and entries["xformers"].value).lower() == "sdpa":
+        chosen, source, approximate = "sdpa", on.get("sdpa") or entries["xformers"], None
+    elif "xformers" in on:
+        chosen, source, approximate = "sdpa", on["xformers"], "xformers' kernel; " + same_math
+    elif "mem_eff_attn" in on:
+        chosen, source, approximate = "sdpa", on["mem_eff_attn"], "kohya's memory-efficient attention; " + same_math
     else:
-        chosen, source, approximate = "eager", next((e for e in entries.values() if e is not None), None), None
+        chosen, source, approximate = "eager", entries["xformers"] or entries["sdpa"], None
     if source is not None:
         imp.set(source, "training.attention", chosen, approximate)
-    elif imp.flavor == "sd-scripts" and chosen != _lorabake_default("training.attention"):
+    elif imp.flavor == "sd-scripts":
         _put(imp.run, "training.attention", chosen)
         imp.mapped.append(("xformers / sdpa (not set: kohya's plain attention)", "training.attention", chosen))
     for entry in entries.values():
         if entry is not None and entry is not source:
-            imp.skip(entry, "off in kohya: nothing to carry over" if _off(entry.value)
-                     else f"training.attention comes from {source.label if source else 'another key'}")
+            imp.skip(entry, "nothing lost: off in kohya" if _off(entry.value)
+                     else f"nothing lost: training.attention comes from {source.label if source else 'another key'}")
 
 
 def _map_noise(imp: _Importer) -> None:
@@ -1317,7 +1365,7 @@ def _map_noise(imp: _Importer) -> None:
             for key in keys:
                 entry = imp.take(key)
                 if entry is not None:
-                    imp.skip(entry, f"inactive: noise_offset_type is {kind}")
+                    imp.skip(entry, f"nothing lost: inactive, noise_offset_type is {kind}")
     offset = imp.take_set("noise_offset", _number)
     if offset:
         imp.set(offset[0], "loss.noise_offset", offset[1])
@@ -1340,14 +1388,14 @@ def _map_multires(imp: _Importer, offset_used: bool) -> None:
     if discount is not None and iterations:
         imp.set(discount, "loss.multires_noise.discount", _number(discount))
     elif discount is not None:
-        imp.skip(discount, "only used with multires_noise_iterations")
+        imp.skip(discount, "nothing lost: only used with multires_noise_iterations")
 
 
 def _map_stop_text_encoder(imp: _Importer) -> None:
     """kohya_ss's percentage (or sd-scripts' step count, a train_db.py option) → a fraction of the run.
     kohya's train_network.py has no such option, so the kohya run trained the text encoder to the end."""
-    ignored = ("kohya's LoRA trainer ignores it (a train_db.py option; kohya_ss says 'not yet supported'), so the "
-               "kohya run trained the text encoder to the end; remove training.stop_text_encoder_at to match")
+    ignored = "kohya's LoRA trainer ignores it (a train_db.py option; kohya_ss says 'not yet supported')"
+    kept = ignored + ", so the kohya run trained the text encoder to the end; remove training.stop_text_encoder_at to match"
     percent = imp.take_set("stop_text_encoder_pct", _number)
     steps = imp.take_set("stop_text_encoder_training", _integer)
     if percent:
@@ -1355,14 +1403,25 @@ def _map_stop_text_encoder(imp: _Importer) -> None:
     elif steps and imp.total_steps:
         entry, fraction = steps[0], steps[1] / imp.total_steps
     elif steps:
-        imp.skip(steps[0], "a step count needs the run's total steps; " + ignored)
+        imp.skip(steps[0], f"nothing lost: {ignored}; a step count also needs the run's total steps")
         return
     else:
         return
     if not imp.run.get("network", {}).get("train_text_encoder", True) or not 0 < fraction <= 1:
-        imp.skip(entry, "the text encoder is not trained, or the fraction is not in (0, 1]")
+        imp.skip(entry, "nothing lost: the text encoder is not trained, or the fraction is not in (0, 1]")
     else:
-        imp.set(entry, "training.stop_text_encoder_at", round(fraction, 6), ignored)
+        imp.set(entry, "training.stop_text_encoder_at", round(fraction, 6), kept)
+
+
+def _existing_file(text: str, base_dir: Path) -> Path | None:
+    """`text` as a file on this machine (as given, or relative to the config), if it names one."""
+    for candidate in (Path(text), base_dir / text):
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError:  # prompt text, not a path: a name too long for the file system
+            return None
+    return None
 
 
 def _map_samples(imp: _Importer, base_dir: Path) -> None:
@@ -1371,7 +1430,7 @@ def _map_samples(imp: _Importer, base_dir: Path) -> None:
     prompts: list[str] = []
     if entry is not None:
         text = _text(entry)
-        file = next((p for p in (Path(text), base_dir / text) if len(text) < 400 and p.is_file()), None)
+        file = _existing_file(text, base_dir)
         if file is None and imp.flavor == "sd-scripts":
             imp.skip(entry, "the prompt file is not on this machine: copy its prompts to samples.prompts")
         else:
@@ -1385,7 +1444,7 @@ def _map_samples(imp: _Importer, base_dir: Path) -> None:
         imp.record(sampler, "samples.sampler (configs/config.yaml)", imp.samples["sampler"])
     elif sampler is not None:
         imp.skip(sampler, f"lorabake samples with {', '.join(sorted(set(SAMPLERS.values())))}" if prompts
-                 else "no sample prompts to go with it")
+                 else "nothing lost: no sample prompts to go with it")
 
 
 # ---------------------------------------------------------------- the import
@@ -1395,11 +1454,11 @@ def _dataset_config(imp: _Importer, config: Path, given: Path | None) -> Path | 
     entry = imp.take("dataset_config")
     if given is not None:
         if entry is not None:
-            imp.skip(entry, f"replaced by the dataset config given to the import ({given})")
+            imp.skip(entry, f"nothing lost: replaced by the dataset config given to the import ({given})")
         return Path(given)
     if entry is None:
         return None
-    found = next((p for p in (Path(_text(entry)), config.parent / _text(entry)) if p.is_file()), None)
+    found = _existing_file(_text(entry), config.parent)
     if found is None:
         imp.skip(entry, "the file is not on this machine: pass it with --dataset")
         return None
@@ -1407,8 +1466,14 @@ def _dataset_config(imp: _Importer, config: Path, given: Path | None) -> Path | 
     return found
 
 
-def _ordered(run: dict[str, Any]) -> dict[str, Any]:
-    return {key: run[key] for key in RunConfig.model_fields if key in run}
+def _ordered(data: dict[str, Any], model: Any = RunConfig) -> dict[str, Any]:
+    """Keys in the order the config models declare them (the order docs/options.md lists them in)."""
+    ordered = {}
+    for key, info in model.model_fields.items():
+        if key in data:
+            nested = isinstance(data[key], dict) and hasattr(info.annotation, "model_fields")
+            ordered[key] = _ordered(data[key], info.annotation) if nested else data[key]
+    return ordered
 
 
 def _validated(imp: _Importer, config: Path) -> dict[str, Any]:
@@ -1502,25 +1567,32 @@ def _report_folders(result: KohyaImport) -> list[str]:
     return lines + [""]
 
 
+def _unmapped_table(rows: list[tuple[str, Any, str]]) -> list[str]:
+    return ["| kohya key | value | why |", "| --- | --- | --- |"] + [
+        f"| {_cell(key)} | {_cell(value)} | {why.removeprefix(NOTHING_LOST)} |" for key, value, why in rows]
+
+
 def render_report(result: KohyaImport, run_yaml: Path) -> str:
     """The migration report: what to add to config.yaml, folders to arrange, mapped and unmapped keys."""
-    active = [u for u in result.unmapped if not _off(u[1]) or u[2].startswith("approximate")]
-    idle = sorted({u[0] for u in result.unmapped} - {u[0] for u in active})
+    lost = [row for row in result.unmapped if not row[2].startswith(NOTHING_LOST)]
+    idle = [row for row in result.unmapped if row[2].startswith(NOTHING_LOST)]
     lines = [f"# kohya import: {result.name}", "",
              f"Imported from {', '.join(f'`{p}`' for p in result.sources)} into `{run_yaml}` by "
              "`lorabake import-kohya`.", "",
              "## Before the first run", "",
              "1. Add the entries below to `configs/config.yaml` (keep your other entries).",
              "2. Arrange the dataset folders as listed.",
-             f"3. Read the {len(active)} settings that did not carry over exactly, then run `lorabake validate`.", "",
+             f"3. Read the {len(lost)} settings below that did not carry over exactly, then run `lorabake validate`.",
+             "   Settings the kohya config does not give come from lorabake's defaults and the `defaults:` of",
+             "   `configs/config.yaml`.", "",
              "## Add to configs/config.yaml", "", "```yaml", _config_entries(result).rstrip(), "```", ""]
     lines += _report_folders(result)
     lines += ["## Carried over", "", "| kohya key | lorabake key | value |", "| --- | --- | --- |"]
     lines += [f"| {_cell(k)} | {_cell(target)} | {_cell(v)} |" for k, target, v in result.mapped]
-    lines += ["", "## Not carried over, or only approximately", "", "| kohya key | value | why |", "| --- | --- | --- |"]
-    lines += [f"| {_cell(k)} | {_cell(v)} | {why} |" for k, v, why in active]
+    lines += ["", "## Not carried over, or only approximately", ""] + _unmapped_table(lost)
     if idle:
-        lines += ["", "Off, zero or empty in kohya, so nothing is lost: " + ", ".join(f"`{k}`" for k in idle) + "."]
+        lines += ["", f"<details><summary>{len(idle)} keys left out with nothing lost (off, empty, inactive or "
+                      "bookkeeping)</summary>", ""] + _unmapped_table(idle) + ["", "</details>"]
     if result.notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in result.notes]
     return "\n".join(lines) + "\n"
@@ -1550,7 +1622,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     report = args.report or args.runs_dir / f"{result.name}.kohya-import.md"
     write_import(result, run_yaml, report)
-    exact = sum(1 for u in result.unmapped if not _off(u[1]) or u[2].startswith("approximate"))
+    exact = sum(1 for u in result.unmapped if not u[2].startswith(NOTHING_LOST))
     print(f"wrote {run_yaml} ({len(result.mapped)} settings carried over) and {report} "
           f"({exact} not carried over exactly; add its config.yaml entries before running)")
     return 0

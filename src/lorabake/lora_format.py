@@ -16,14 +16,19 @@ from lorabake import __version__, store
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def tensor_hash(state: dict[str, torch.Tensor]) -> str:
-    """kohya's `sshs_model_hash`: sha256 over each tensor's serialized bytes, in key order."""
-    h = hashlib.sha256()
-    for tensor in state.values():
-        blob = save({"tensor": tensor})
-        header_length = int.from_bytes(blob[:8], "little")
-        h.update(blob[8 + header_length:])
-    return f"0x{h.hexdigest()}"
+MIB = 0x100000
+
+
+def addnet_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """kohya's `sshs_model_hash` and `sshs_legacy_hash` (sd-webui-additional-networks' hashes, which
+    kohya precalculates in train_util.precalculate_safetensors_hashes): the file as
+    `safetensors.torch.save` writes these tensors with only the `ss_*` metadata, then sha256 of
+    everything after the header, and sha256 of the 64 KiB at offset 1 MiB (first 8 hex digits)."""
+    blob = save(state, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_length = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_length:]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[MIB:MIB + 0x10000]).hexdigest()[:8]
+    return model_hash, legacy_hash
 
 
 def cast(state: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
@@ -32,7 +37,8 @@ def cast(state: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tens
 
 def save_lora(state: dict[str, torch.Tensor], path: str | Path, precision: str, metadata: dict[str, str]) -> None:
     state = cast(state, precision)
-    store.write_safetensors(path, state, {**metadata, "sshs_model_hash": tensor_hash(state)})
+    model_hash, legacy_hash = addnet_hashes(state, metadata)
+    store.write_safetensors(path, state, {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash})
 
 
 def network_module(algo: str) -> str:
@@ -40,28 +46,43 @@ def network_module(algo: str) -> str:
     return "networks.lora" if algo == "lora" else "lycoris.kohya"
 
 
-def lora_metadata(*, run_name: str, algo: str, dim: int, alpha: float, preset: str, base_id: str,
-                  resolution: tuple[int, int], epoch: int, steps: int, facts: dict) -> dict[str, str]:
-    """kohya's `ss_*` keys, a few `modelspec.*` keys, and lorabake's own provenance."""
+STABILITY = "https://github.com/Stability-AI/generative-models"
+
+
+def architecture_metadata(arch: str, prediction: str) -> dict[str, str]:
+    """The base-model keys as kohya writes them (train_network.py, library/sai_model_spec.py): SDXL
+    and SD2 LoRAs name their base, v-prediction says so, and an SDXL LoRA's implementation is
+    Stability's (its key names are the original UNet's)."""
+    v = prediction == "v_prediction"
+    version, spec = {"sd1": ("sd_v1", "stable-diffusion-v1"),
+                     "sd2": ("sd_v2", "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"),
+                     "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base")}[arch]
+    return {"ss_base_model_version": version, "ss_v2": str(arch == "sd2"), "ss_v_parameterization": str(v),
+            "modelspec.architecture": f"{spec}/lora",
+            "modelspec.implementation": STABILITY if arch == "sdxl" else "diffusers",
+            "modelspec.prediction_type": "v" if v else "epsilon"}
+
+
+def lora_metadata(*, run_name: str, algo: str, dim: int, alpha: float, network_args: dict[str, str],
+                  base: dict, resolution: tuple[int, int], epoch: int, steps: int, facts: dict) -> dict[str, str]:
+    """kohya's `ss_*` keys, `modelspec.*` keys, and lorabake's own provenance. `base` is the base's
+    base.json (id, architecture, prediction)."""
     meta = {
         "ss_output_name": run_name,
         "ss_network_module": network_module(algo),
         "ss_network_dim": str(dim),
         "ss_network_alpha": f"{alpha:g}",
-        "ss_network_args": json.dumps({"algo": algo, "preset": preset}),
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": "False",
+        "ss_network_args": json.dumps(network_args, sort_keys=True),
+        **architecture_metadata(base.get("architecture", "sd1"), base.get("prediction", "epsilon")),
         "ss_resolution": f"({resolution[0]}, {resolution[1]})",
         "ss_epoch": str(epoch),
         "ss_steps": str(steps),
-        "ss_sd_model_name": base_id,
+        "ss_sd_model_name": base.get("source", {}).get("path", base.get("builtin", base["id"])),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
         "modelspec.title": f"{run_name} (epoch {epoch})",
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "lorabake_version": __version__,
-        "lorabake_base_id": base_id,
+        "lorabake_base_id": base["id"],
     }
     for key, value in facts.items():
         meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)

@@ -1,42 +1,91 @@
-"""Merging LoRAs into a base: weights + Σ ratio × delta, saved as one `.safetensors` checkpoint.
+"""Merging LoRAs into a base: weights + Σ ratio × delta, saved as one single-file checkpoint.
 
-The checkpoint holds every component's weights under `unet.`, `text_encoder.` and `vae.` prefixes
-(diffusers names), so `load_merged` can rebuild the models from the base's configs.
+The checkpoint is in the original Stable Diffusion layout (`model.diffusion_model.…`,
+`first_stage_model.…`, the text encoders under `cond_stage_model.…` or, for SDXL,
+`conditioner.embedders.…`; see sd_layout.py), which A1111, ComfyUI, Forge and kohya load, and which
+diffusers' `from_single_file` reads with the base's configs. Each LoRA has a ratio, and optionally 25
+block weights that multiply the ratio per UNet block (IN00–IN11, MID, OUT00–OUT11).
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from lorabake import lora_format, models, network, store
-
-COMPONENTS = ("unet", "text_encoder", "vae")
+from lorabake import lora_format, models, network, sd_layout, store
+from lorabake.blocks import block_values
 
 
-def merge(base_dir: Path, loras: list[tuple[Path, float]], out: Path, precision: str = "fp32") -> None:
+@dataclass(frozen=True)
+class MergeInput:
+    path: Path
+    ratio: float = 1.0
+    block_weights: list[float] | None = None
+
+    def describe(self) -> str:
+        blocks = "" if self.block_weights is None else f" (block weights {','.join(f'{w:g}' for w in self.block_weights)})"
+        return f"{self.path} × {self.ratio:g}{blocks}"
+
+
+def merge_into(base: models.Base, lora: MergeInput) -> int:
+    """Add one LoRA's deltas into the base's weights; refuses a merge that makes NaN or inf."""
+    if lora.block_weights is not None and base.arch == "sdxl":
+        raise ValueError(f"{lora.path}: block weights use the 25-block SD1/SD2 vocabulary; SDXL merges take a ratio only")
+    weights = block_values(lora.block_weights, 1.0) if lora.block_weights is not None else None
+    merged = network.merge_weights(lora.path, base.unet, base.te, lora.ratio, block_weights=weights)
+    models_ = [base.unet, *base.text_encoders]
+    broken = [name for model in models_ for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if broken:
+        raise ValueError(f"merging {lora.describe()} made non-finite weights in {broken[:3]}")
+    return merged
+
+
+def checkpoint_metadata(base_dir: Path, base: models.Base, loras: list[MergeInput], title: str) -> dict[str, str]:
+    """modelspec keys of a full checkpoint (kohya's sai_model_spec for a Stable Diffusion ckpt), and
+    lorabake's provenance."""
+    info = models.base_info(base_dir)
+    arch_meta = lora_format.architecture_metadata(base.arch, info.get("prediction", "epsilon"))
+    size = base.unet.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1)
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": arch_meta["modelspec.architecture"].removesuffix("/lora"),
+        "modelspec.implementation": lora_format.STABILITY,
+        "modelspec.prediction_type": arch_meta["modelspec.prediction_type"],
+        "modelspec.title": title,
+        "modelspec.resolution": f"{size}x{size}",
+        "modelspec.merged_from": ", ".join(lora.path.stem for lora in loras),
+        "lorabake_base_id": base.id,
+        "lorabake_loras": json.dumps([[str(l.path), l.ratio, l.block_weights] for l in loras]),
+    }
+
+
+def merge(base_dir: Path, loras: list[MergeInput], out: Path, precision: str = "fp32") -> None:
     base = models.load_base(base_dir)
-    for path, ratio in loras:
-        merged = network.merge_weights(path, base.unet, base.text_encoder, ratio)
-        broken = [name for name, p in list(base.unet.named_parameters()) + list(base.text_encoder.named_parameters())
-                  if not torch.isfinite(p).all()]
-        if broken:
-            raise ValueError(f"merging {path} at ratio {ratio:g} made non-finite weights in {broken[:3]}")
-        print(f"merge: {path} × {ratio:g} → {merged} modules")
-    state = {f"{name}.{key}": value for name in COMPONENTS for key, value in getattr(base, name).state_dict().items()}
-    metadata = {"lorabake_base_id": base.id, "lorabake_layout": "diffusers-prefixed",
-                "lorabake_loras": json.dumps([[str(p), r] for p, r in loras])}
-    store.write_safetensors(out, lora_format.cast(state, precision), metadata)
+    for lora in loras:
+        print(f"merge: {lora.describe()} → {merge_into(base, lora)} modules")
+    state = sd_layout.to_single_file(base.arch, base.unet, base.vae, base.text_encoders)
+    store.write_safetensors(out, lora_format.cast(state, precision),
+                            checkpoint_metadata(base_dir, base, loras, title=Path(out).stem))
+
+
+def load_single_file(base_dir: Path, checkpoint: Path) -> models.Base:
+    """A single-file checkpoint of the base's architecture as models (fp32), read by diffusers'
+    own single-file loader with the base folder's configs, offline."""
+    import diffusers
+
+    base = models.load_base(base_dir, parts=())
+    pipe_class = getattr(diffusers, json.loads((Path(base_dir) / "model_index.json").read_text())["_class_name"])
+    pipe = pipe_class.from_single_file(str(checkpoint), config=str(base_dir), local_files_only=True,
+                                       torch_dtype=torch.float32)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            setattr(base, name, module.float().eval().requires_grad_(False))
+    return base
 
 
 def load_merged(base_dir: Path, checkpoint: Path) -> models.Base:
     """The base's architecture with the merged checkpoint's weights (in fp32)."""
-    base = models.load_base(base_dir)
-    state = load_file(str(checkpoint))
-    for name in COMPONENTS:
-        prefix = f"{name}."
-        part = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
-        getattr(base, name).load_state_dict(part, strict=True)
-    return base
+    return load_single_file(base_dir, checkpoint)

@@ -176,6 +176,23 @@ def lycoris_arguments(cfg: Network) -> dict:
                 module_dropout=cfg.module_dropout, factor=cfg.factor, **conv, **extra)
 
 
+def kohya_network_args(cfg: Network) -> dict[str, str]:
+    """`ss_network_args` as kohya writes it: the `--network_args` that rebuild this network, every
+    value a string (lycoris needs `algo`; kohya's own LoRA only conv and dropout settings)."""
+    args = {} if cfg.algo == "lora" else {"algo": cfg.algo, "preset": preset_name(cfg)}
+    if cfg.conv_dim is not None:
+        args |= {"conv_dim": str(cfg.conv_dim), "conv_alpha": f"{_conv_alpha(cfg):g}"}
+    for key in ("rank_dropout", "module_dropout"):
+        if getattr(cfg, key):
+            args[key] = f"{getattr(cfg, key):g}"
+    if cfg.algo == "lokr" and cfg.factor != -1:
+        args["factor"] = str(cfg.factor)
+    for key in ("block_dims", "block_alphas", "block_lr_weights"):
+        if getattr(cfg, key) is not None:
+            args[key] = ",".join(f"{v:g}" for v in getattr(cfg, key))
+    return args | {key: str(value) for key, value in cfg.args.items()}
+
+
 def create_network(unet, text_encoder, cfg: Network, seed: int, root: Path | None = None):
     """A fresh network wrapped around the models (forward hooks), or the init_weights file's state."""
     from lycoris.kohya import create_network as lycoris_network
@@ -390,16 +407,20 @@ def weight_delta(lora, multiplier: float = 1.0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def merge_weights(path: Path, unet, text_encoder, multiplier: float = 1.0) -> int:
-    """Add `multiplier` × the LoRA's weight deltas into the models' weights; returns modules merged."""
+def merge_weights(path: Path, unet, text_encoder, multiplier: float = 1.0,
+                  block_weights: dict[str, float] | None = None) -> int:
+    """Add `multiplier` × the LoRA's weight deltas into the models' weights (UNet modules × their
+    block's weight, when given); returns modules merged."""
     network = load_weights(path, unet, text_encoder, multiplier)
     loras = network.unet_loras + network.text_encoder_loras
     for lora in loras:
+        block = block_of(lora.lora_name) if block_weights is not None and lora in network.unet_loras else None
+        strength = multiplier * (block_weights[block] if block is not None else 1.0)
         if _scales_twice(lora):
             weight = lora.org_module[0].weight
-            weight.copy_(_forward_weight(lora, multiplier).reshape(weight.shape))
+            weight.copy_(_forward_weight(lora, strength).reshape(weight.shape))
         else:
-            lora.merge_to(multiplier)
+            lora.merge_to(strength)
     return len(loras)
 
 

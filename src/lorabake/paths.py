@@ -10,6 +10,15 @@ def base_dir(base: str) -> str:
     return f"{RESULTS}/base/{base}"
 
 
+def base_id_cache() -> str:
+    """Content hashes of user checkpoints, keyed by (path, size, mtime): a 7 GB file is hashed once."""
+    return f"{RESULTS}/cache/base-ids.json"
+
+
+def merged_diffusers(name: str) -> str:
+    return f"{RESULTS}/merged/{name}.diffusers"
+
+
 def base_json(base: str) -> str:
     return f"{base_dir(base)}/base.json"
 

@@ -53,9 +53,10 @@ def parse_prompt(line: str, defaults: Prompt) -> Prompt:
 
 
 def load_pipeline(base_dir: Path, sampler: str):
+    """The base's own pipeline class (model_index.json says which: SD1/SD2 or SDXL), offline."""
     import diffusers
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None, requires_safety_checker=False)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(base_dir, local_files_only=True)
     pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -69,11 +70,17 @@ def render(pipe, prompt: Prompt, clip_skip: int = 1) -> Image.Image:
                 clip_skip=clip_skip - 1 or None).images[0]
 
 
+def pipeline_text_encoders(pipe):
+    """One text encoder, or SDXL's two as a list (as networks and key names take them)."""
+    second = getattr(pipe, "text_encoder_2", None)
+    return [pipe.text_encoder, second] if second is not None else pipe.text_encoder
+
+
 def render_with_lora(pipe, lora: Path, strength: float, prompt: Prompt, clip_skip: int = 1) -> Image.Image:
     """Apply the LoRA at `strength` for one image, then take it off again."""
     if strength == 0.0:
         return render(pipe, prompt, clip_skip)
-    net = network.apply_weights(lora, pipe.unet, pipe.text_encoder, strength)
+    net = network.apply_weights(lora, pipe.unet, pipeline_text_encoders(pipe), strength)
     try:
         return render(pipe, prompt, clip_skip)
     finally:

@@ -54,6 +54,19 @@ class Workspace:
         cfg = self.project.runs[run]
         return {ds: self.dataset(ds, cfg.captions.extension) for ds in cfg.datasets}
 
+    # ------------------------------------------------------------ bases
+    def base_params(self, name: str) -> dict:
+        """The base spec, and for a path base the size and mtime of its files: replacing the checkpoint
+        rebuilds the base (whose id, a content hash, is cached by the same stat)."""
+        spec = self.project.file.bases[name].model_dump(mode="json")
+        path = self.project.base_path(name)
+        if path is None or not path.exists():
+            return spec
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        stats = [(p.relative_to(path).as_posix() if path.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                 for p in files]
+        return {**spec, "files": store.digest(stats)}
+
     # ------------------------------------------------------------ latents
     def latent_job(self, run: str, dataset: str) -> LatentJob:
         cfg = self.project.runs[run]

@@ -2,7 +2,7 @@ rule base_model:
     output:
         json="results/base/{base}/base.json",
     params:
-        spec=lambda w: WS.project.file.bases[w.base].model_dump(mode="json"),
+        spec=lambda w: WS.base_params(w.base),
     log:
         "logs/base_model/{base}.log",
     threads: 1

@@ -46,6 +46,7 @@ def get_all_targets():
         if f.samples is not None:
             targets.append(paths.sample_grid(run))
     targets += [paths.merged(m.name) for m in f.merges]
+    targets += [paths.merged_diffusers(m.name) for m in f.merges if m.diffusers]
     targets += [paths.extracted(e.name) for e in f.extracts]
     return targets
 
@@ -102,7 +103,14 @@ def get_extract(wildcards):
 
 def get_extract_inputs(wildcards):
     extract = get_extract(wildcards)
-    return {"base": paths.base_json(extract.base), "tuned": paths.merged(extract.tuned)}
+    return {"base": paths.base_json(extract.base), "tuned": get_tuned_checkpoint(extract.tuned)}
+
+
+def get_tuned_checkpoint(tuned):
+    """An extract's tuned model: a merge's checkpoint, or a base's base.json (its weights are there)."""
+    if tuned in WS.project.file.bases:
+        return paths.base_json(tuned)
+    return paths.merged(tuned)
 
 
 def get_train_threads(wildcards):

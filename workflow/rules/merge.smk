@@ -32,3 +32,19 @@ rule extract:
         runtime=30,
     shell:
         "{LORABAKE} extract --name {wildcards.name} > {log} 2>&1"
+
+
+rule merge_diffusers:
+    input:
+        checkpoint="results/merged/{name}.safetensors",
+    output:
+        folder=directory("results/merged/{name}.diffusers"),
+    log:
+        "logs/merge_diffusers/{name}.log",
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=8000,
+        runtime=30,
+    shell:
+        "{LORABAKE} merge-diffusers --name {wildcards.name} > {log} 2>&1"

@@ -354,7 +354,7 @@ def save_checkpoint(s: Session, epoch: int, step: int, path: str) -> str:
     run, net = s.run, s.net
     metadata = lora_format.lora_metadata(
         run_name=s.inputs.name, algo=run.network.algo, dim=run.network.dim, alpha=run.network.alpha,
-        preset=network.preset_name(run.network), base_id=models.base_id(s.inputs.base_dir),
+        network_args=network.kohya_network_args(run.network), base=models.base_info(s.inputs.base_dir),
         resolution=run.size, epoch=epoch, steps=step, facts={**s.inputs.facts, **training_facts(s)})
     weights = network.kohya_state(net, s.base.unet, s.base.te)
     lora_format.save_lora(weights, path, run.save.precision, metadata)
@@ -390,6 +390,7 @@ def training_facts(s: Session) -> dict[str, str]:
             "ss_multires_noise_discount": f"{run.loss.multires_noise.discount:g}",
             "ss_prior_loss_weight": f"{run.loss.prior_loss_weight:g}",
             "ss_scale_weight_norms": str(run.loss.scale_weight_norms), "ss_v_parameterization": str(s.prediction == "v_prediction"),
+            "ss_network_dropout": f"{run.network.dropout:g}",
             "ss_gradient_checkpointing": str(run.training.gradient_checkpointing)}
 
 
