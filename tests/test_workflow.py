@@ -16,6 +16,8 @@ EXPECTED = [
     "results/runs/demo-lora/train.jsonl", "results/runs/demo-lora/loss.png", "results/runs/demo-lora/grid.png",
     "results/runs/demo-unet-only/demo-unet-only.safetensors", "results/runs/demo-unet-only/grid.png",
     "results/merged/demo-merged.safetensors", "results/extracted/demo-extracted.safetensors",
+    "results/resized/demo-lora-r2.safetensors", "results/resized/demo-lora-r2.json",
+    "results/svd-merged/demo-blend.safetensors",
 ]
 
 
@@ -75,7 +77,7 @@ def test_lr_change_retrains_one_run(project_copy):
         "scheduler: {type: cosine, warmup: 0.1}\naugment: {flip: true}\n")
     jobs = planned_jobs(project_copy)
     assert runs_of(jobs) == {"demo-unet-only"}
-    assert rules_of(jobs) == {"train", "sample_grid"}
+    assert rules_of(jobs) == {"train", "sample_grid", "svd_merge"}  # the blend uses demo-unet-only
 
 
 def test_prompt_change_rerenders_grids_only(project_copy):

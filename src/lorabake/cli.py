@@ -186,6 +186,40 @@ def cmd_extract(ws: Workspace, args) -> None:
             precision=spec.precision, source=source)
 
 
+def cmd_resize(ws: Workspace, args) -> None:
+    from lorabake import lora_format, lora_tools
+
+    spec = next(r for r in ws.project.file.resizes if r.name == args.name)
+    state, metadata = lora_tools.load_lora(paths.run_lora(spec.run))
+    resized, report = lora_tools.resize_lora(state, spec.rank, conv_rank=spec.conv_rank, dynamic=spec.dynamic,
+                                             dynamic_param=spec.dynamic_param)
+    lora_format.save_lora(resized, paths.resized(spec.name), spec.precision, lora_tools.resized_metadata(metadata, report))
+    store.write_json(paths.resize_report(spec.name), report.as_dict())
+    print(f"resize {spec.name}: {report.summary()}")
+
+
+def cmd_svd_merge(ws: Workspace, args) -> None:
+    import json
+
+    from lorabake import lora_format, lora_tools
+
+    spec = next(m for m in ws.project.file.svd_merges if m.name == args.name)
+    loaded = [(lora_tools.load_lora(paths.run_lora(lora.run)), lora.ratio) for lora in spec.loras]
+    merged = lora_tools.svd_merge([(state, ratio) for (state, _), ratio in loaded], spec.rank, spec.conv_rank,
+                                  spec.clamp_quantile)
+    first = loaded[0][0][1]  # the base model facts of the first LoRA (all must share the base)
+    keep = ("ss_base_model_version", "ss_v2", "ss_v_parameterization", "ss_resolution", "lorabake_base_id") \
+        + tuple(k for k in first if k.startswith("modelspec.") and k != "modelspec.title")
+    metadata = {k: first[k] for k in keep if k in first} | {
+        "ss_output_name": spec.name, "ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
+        "ss_network_alpha": str(spec.rank), "ss_network_args": json.dumps(
+            {"conv_dim": str(spec.conv_rank), "conv_alpha": str(spec.conv_rank)} if spec.conv_rank else {}),
+        "modelspec.title": spec.name, "modelspec.merged_from": ", ".join(l.run for l in spec.loras),
+        "ss_training_comment": "svd merge of " + ", ".join(f"{l.run} × {l.ratio:g}" for l in spec.loras)}
+    lora_format.save_lora(merged, paths.svd_merged(spec.name), spec.precision, metadata)
+    print(f"svd-merge {spec.name}: {len(lora_tools.module_names(merged))} modules at rank {spec.rank}")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lorabake", description="A Makefile for LoRA artifacts: the stages Snakemake runs.")
     top.add_argument("--config", default="configs/config.yaml", help="project config (default: %(default)s)")
@@ -211,6 +245,17 @@ def parser() -> argparse.ArgumentParser:
     add("merge", cmd_merge, "merge LoRAs into a base: a single-file checkpoint in the original SD layout", "name")
     add("merge-diffusers", cmd_merge_diffusers, "write a merge's checkpoint as a diffusers folder too", "name")
     add("extract", cmd_extract, "extract a LoRA from (merged − base) by SVD", "name")
+    add("resize", cmd_resize, "resize a run's LoRA to a lower (or dynamic) rank by SVD", "name")
+    add("svd-merge", cmd_svd_merge, "merge several runs' LoRAs into one LoRA by SVD", "name")
+    kohya = sub.add_parser("import-kohya", help="turn a kohya training config (+ dataset TOML) into a run config",
+                           description="Turn a kohya_ss GUI config (JSON/TOML) or an sd-scripts --config_file, "
+                                       "plus its dataset TOML, into a lorabake run config and a report of what "
+                                       "could not be mapped.")
+    kohya.add_argument("--from", dest="source", required=True, help="the kohya config (.json or .toml)")
+    kohya.add_argument("--dataset-config", help="sd-scripts --dataset_config TOML")
+    kohya.add_argument("--out", required=True, help="the run config to write, e.g. configs/runs/NAME.yaml")
+    kohya.add_argument("--report", help="the report to write (default: beside --out, NAME.import.md)")
+    kohya.set_defaults(func=None)
     docs = sub.add_parser("docs", help="write the option reference generated from the config models")
     docs.add_argument("--out", default="docs/options.md")
     docs.set_defaults(func=None)
@@ -224,11 +269,31 @@ def write_docs(out: str) -> None:
     print(f"wrote {out}")
 
 
+def import_kohya(args) -> int:
+    from lorabake.kohya_import import NOTHING_LOST, KohyaImportError, import_kohya as read_kohya, write_import
+
+    out = Path(args.out)
+    report = Path(args.report) if args.report else out.with_name(out.name.removesuffix(".yaml") + ".import.md")
+    try:
+        result = read_kohya(Path(args.source), Path(args.dataset_config) if args.dataset_config else None,
+                            name=out.name.removesuffix(".yaml"))
+    except (KohyaImportError, FileNotFoundError) as e:
+        print(f"lorabake: error: {e}", file=sys.stderr)
+        return 2
+    write_import(result, out, report)
+    lost = [entry for entry in result.unmapped if not entry[2].startswith(NOTHING_LOST)]
+    print(f"wrote {out} and {report}: {len(result.mapped)} settings mapped, {len(lost)} not or only "
+          f"approximately (see the report); add the suggested bases/datasets entries to configs/config.yaml")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "docs":  # needs no project
         write_docs(args.out)
         return 0
+    if args.command == "import-kohya":
+        return import_kohya(args)
     try:
         ws = Workspace.load(args.config)
         for warning in ws.project.warnings:

@@ -441,6 +441,42 @@ class Extract(Strict):
     precision: Literal["fp16", "bf16", "fp32"] = "fp32"
 
 
+class Resize(Strict):
+    """A run's LoRA re-factored to a lower rank by SVD (kohya's resize_lora.py)."""
+
+    name: str
+    run: str = Field(description="the run whose final LoRA is resized")
+    rank: int = Field(ge=1, description="new rank (with `dynamic`: the most any module gets)")
+    conv_rank: int | None = Field(None, ge=1, description="new rank of 3×3 convolutions (default: rank)")
+    dynamic: Literal["sv_ratio", "sv_fro", "sv_cumulative"] | None = Field(
+        None, description="choose each module's rank: σ ≥ σmax / param, Frobenius fraction ≥ param, or Σσ fraction ≥ param")
+    dynamic_param: float | None = Field(None, gt=0.0)
+    precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+    @model_validator(mode="after")
+    def _dynamic_needs_param(self) -> "Resize":
+        if (self.dynamic is None) != (self.dynamic_param is None):
+            raise ValueError("dynamic and dynamic_param go together (e.g. dynamic: sv_fro, dynamic_param: 0.9)")
+        return self
+
+
+class SvdMergeLora(Strict):
+    run: str
+    ratio: float = 1.0
+
+
+class SvdMerge(Strict):
+    """Several runs' LoRAs merged into one LoRA: Σ ratio × ΔW per module, re-factored by SVD (kohya's
+    svd_merge_lora.py)."""
+
+    name: str
+    loras: list[SvdMergeLora] = Field(min_length=1)
+    rank: int = Field(ge=1)
+    conv_rank: int | None = Field(None, ge=1)
+    clamp_quantile: float | None = Field(None, gt=0.0, le=1.0)
+    precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+
 class ProjectFile(Strict):
     bases: dict[str, BaseSpec]
     datasets: dict[str, DatasetSpec]
@@ -448,6 +484,8 @@ class ProjectFile(Strict):
     samples: Samples | None = None
     merges: list[Merge] = Field(default_factory=list)
     extracts: list[Extract] = Field(default_factory=list)
+    resizes: list[Resize] = Field(default_factory=list)
+    svd_merges: list[SvdMerge] = Field(default_factory=list)
     trainer_version: int = Field(1, description="bump by hand when training semantics change")
 
 
@@ -633,7 +671,14 @@ def check_references(project: Project) -> None:
                             f"({merge_names}) nor a key of bases ({sorted(f.bases)})")
         if extract.base not in f.bases:
             problems.append(f"{project.config_file}: extracts.{i}.base: '{extract.base}' is not a key of bases")
-    for kind, names in (("merges", merge_names), ("extracts", [e.name for e in f.extracts])):
+    for kind, entries in (("resizes", f.resizes), ("svd_merges", f.svd_merges)):
+        for i, entry in enumerate(entries):
+            problems += _check_name(project, f"{kind}.{i}.name", entry.name)
+            runs = [entry.run] if kind == "resizes" else [lora.run for lora in entry.loras]
+            problems += [f"{project.config_file}: {kind}.{i}: no run named '{run}' in {project.config_file.parent / 'runs'}"
+                         for run in runs if run not in project.runs]
+    for kind, names in (("merges", merge_names), ("extracts", [e.name for e in f.extracts]),
+                        ("resizes", [r.name for r in f.resizes]), ("svd_merges", [m.name for m in f.svd_merges])):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             problems.append(f"{project.config_file}: {kind}: names used twice: {duplicated}")

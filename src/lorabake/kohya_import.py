@@ -1,9 +1,9 @@
 """`lorabake import-kohya`: a kohya training config in, a lorabake run config and a migration report out.
 
 Two kinds of input are read:
-- a kohya_ss GUI config (JSON: `LoRA_type`, `optimizer`, `max_resolution`, `lr_warmup` in percent, …), the
-  file the GUI's save button writes (bmaltais/kohya_ss `kohya_gui/lora_gui.py` turns it into sd-scripts
-  arguments; that translation is followed here);
+- a kohya_ss GUI config (`LoRA_type`, `optimizer`, `max_resolution`, `lr_warmup` in percent, …): the JSON
+  the GUI's save button writes, or a TOML in the GUI's names (bmaltais/kohya_ss `kohya_gui/lora_gui.py`
+  turns it into sd-scripts arguments; that translation is followed here);
 - an sd-scripts `--config_file` TOML (argparse names: `network_module`, `network_args`, `optimizer_type`, …;
   top-level tables are flattened as sd-scripts' `read_config_from_file` does), optionally with a
   `--dataset_config` TOML (`[general]`, `[[datasets]]`, `[[datasets.subsets]]`: sd-scripts
@@ -15,17 +15,17 @@ TOML leaves out get sd-scripts' default where lorabake's default differs (networ
 `.caption` files…); options kohya silently ignored (`--network_dropout` with LyCORIS, `conv_dim` with the
 GUI's "Standard" LoRA) are reported, not switched on. Nothing is guessed: a warm-up given in steps becomes
 a fraction only when the run's total step count is known. Every input key ends up either in `mapped`
-(kohya key → lorabake key = value) or in `unmapped` with the reason, and the run is validated with
-`RunConfig` before anything is written.
+(kohya key → lorabake key = value) or in `unmapped` with the reason (those whose omission changes
+nothing start with "nothing lost: "). The run is validated with `RunConfig`; a single value lorabake
+refuses is taken out and reported rather than failing the import. DreamBooth, fine-tuning and
+textual-inversion configs, and other model families (FLUX, SD3, …), are refused with a message.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import math
 import re
-import sys
 import tomllib
 import warnings
 from dataclasses import dataclass, field
@@ -271,6 +271,8 @@ NOT_CARRIED: dict[str, tuple[str, ...]] = {
         "sample_every_n_epochs", "sample_every_n_steps", "sample_at_first"),
     "nothing lost: a lorabake rerun resumes from its own saved state (save.state)": (
         "resume", "initial_epoch", "initial_step", "skip_until_initial_step"),
+    "nothing lost: lorabake encodes latents with the VAE as loaded, outside autocast (what no_half_vae asks for)": (
+        "no_half_vae", "sdxl_no_half_vae"),
     "nothing lost: lorabake decides itself whether to cache text-encoder outputs": (
         "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "sdxl_cache_text_encoder_outputs",
         "text_encoder_batch_size"),
@@ -285,7 +287,7 @@ NOT_CARRIED: dict[str, tuple[str, ...]] = {
         "fused_backward_pass", "fused_optimizer_groups", "blockwise_fused_optimizers", "dim_from_weights",
         "base_weights", "base_weights_multiplier", "network_multiplier", "no_token_padding", "save_last_n_steps",
         "save_last_n_epochs_state", "save_last_n_steps_state", "save_state_on_train_end", "save_n_epoch_ratio",
-        "vae", "no_half_vae", "sdxl_no_half_vae", "perlin_noise", "resize_interpolation", "validation_seed",
+        "vae", "perlin_noise", "resize_interpolation", "validation_seed",
         "validation_split", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
         "custom_attributes", "dataset_repeats", "in_json", "metadata_file", "conditioning_data_dir",
         "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "train_on_input",
@@ -307,6 +309,16 @@ SPECIFIC_REASONS = {
     "LyCORIS_preset": "lorabake trains kohya's LoRA/LoCon layers (presets/kohya-lora.toml, kohya-locon.toml)",
     "preset": "lorabake trains kohya's LoRA/LoCon layers (presets/kohya-lora.toml, kohya-locon.toml)",
 }
+# Settings kohya_ss keeps for other model families and tabs; a LoRA on SD1/SD2/SDXL never passes them.
+OTHER_FAMILY_PREFIXES = ("flux1_", "flux_", "sd3_", "t5", "clip_l", "clip_g", "ae", "hunyuan", "anima", "lumina",
+                         "qwen", "guidance_scale", "discrete_flow_shift", "model_prediction_type", "timestep_sampling",
+                         "split_mode", "train_blocks", "apply_t5_attn_mask", "cpu_offload_checkpointing",
+                         "blocks_to_swap", "single_blocks_to_swap", "double_blocks_to_swap", "weighting_scheme",
+                         "logit_mean", "logit_std", "mode_scale", "enable_scaled_pos_embed", "pos_emb_random_crop_rate",
+                         "save_clip", "save_t5xxl", "learning_rate_te", "token_string", "init_word",
+                         "num_vectors_per_token", "template", "weights")
+GUI_ONLY_KEYS = ("LoRA_type", "max_resolution", "optimizer", "lr_warmup")  # sd-scripts spells these otherwise
+NETWORK_KEYS = ("LoRA_type", "network_dim", "network_module", "network_args")
 KOHYA_TELLTALES = ("pretrained_model_name_or_path", "network_module", "network_dim", "LoRA_type", "train_data_dir",
                    "optimizer", "optimizer_type", "learning_rate", "max_resolution", "resolution", "output_name")
 
@@ -529,6 +541,8 @@ def _reason_not_carried(key: str, value: Any) -> str:
     if key in SPECIFIC_REASONS:
         return SPECIFIC_REASONS[key]
     group = next((reason for reason, keys in NOT_CARRIED.items() if key in keys), None)
+    if group is None and key.startswith(OTHER_FAMILY_PREFIXES):
+        group = "nothing lost: a setting of another model family (FLUX, SD3, …) or kohya_ss tab, unused by a LoRA here"
     return group or "no lorabake equivalent (an option of another kohya_ss tab or model family, or unknown)"
 
 
@@ -572,14 +586,20 @@ def _parse(path: Path) -> dict[str, Any]:
 
 def _read_config(path: Path) -> _Importer:
     """The main config as entries under sd-scripts' names (the label keeps the file's own key)."""
-    data = _parse(path)
-    flavor = "gui" if path.suffix.lower() == ".json" else "sd-scripts"
-    if flavor == "sd-scripts":  # read_config_from_file: one level of tables is flattened away
-        data = {k: v for key, value in data.items()
-                for k, v in (value.items() if isinstance(value, dict) else [(key, value)])}
+    # sd-scripts' read_config_from_file flattens one level of tables away; kohya_ss's TOML settings too
+    data = {k: v for key, value in _parse(path).items()
+            for k, v in (value.items() if isinstance(value, dict) else [(key, value)])}
+    flavor = "gui" if any(key in data for key in GUI_ONLY_KEYS) else "sd-scripts"
     if not any(key in data for key in KOHYA_TELLTALES):
         raise KohyaImportError(f"{path}: does not look like a kohya config: it has none of "
                                f"{', '.join(KOHYA_TELLTALES)}")
+    if not any(key in data for key in NETWORK_KEYS):
+        raise KohyaImportError(f"{path}: not a LoRA config (it has none of {', '.join(NETWORK_KEYS)}): a DreamBooth, "
+                               "fine-tuning or textual-inversion config? lorabake trains LoRA / LyCORIS networks; "
+                               "import the config of kohya_ss's LoRA tab or of train_network.py")
+    family = next((key for key, value in data.items() if key.endswith("_checkbox") and value is True), None)
+    if family is not None:
+        raise KohyaImportError(f"{path}: {family} is on: that model family is not one lorabake trains (SD1, SD2, SDXL)")
     renames = GUI_NAMES if flavor == "gui" else SD_SCRIPTS_NAMES
     entries: dict[str, Entry] = {}
     for key, value in data.items():
@@ -702,38 +722,51 @@ def _map_datasets(imp: _Importer, subsets: list[_Subset], base_dir: Path, from_t
         _plan_kohya_folders(imp, names[0], base_dir)
 
 
+def _in_layers(subset: _Subset, key: str) -> list[Entry]:
+    """The subset's entries for `key`, most specific first (the main config spells some keys differently)."""
+    names = [key, key, key, MAIN_NAME.get(key, key)]
+    return [layer[name] for layer, name in zip(subset.layers, names) if name in layer]
+
+
 def _layered(subset: _Subset, key: str) -> Entry | None:
     """The entry sd-scripts would use for `key` in this subset: the most specific layer that sets it."""
-    for depth, layer in enumerate(subset.layers):
-        entry = layer.get(MAIN_NAME.get(key, key) if depth == 3 else key)
-        if entry is not None and not _unset(entry.value):
-            return entry
-    return None
+    return next((entry for entry in _in_layers(subset, key) if not _unset(entry.value)), None)
 
 
 def _map_dataset_setting(imp: _Importer, subsets: list[_Subset], key: str, dotted: str) -> None:
     """One run-level setting from per-subset values: carried over when every subset agrees on it."""
     convert = _SETTING_CONVERTERS.get(key, _boolean)
     chosen = [_layered(s, key) for s in subsets]
-    present = {e.label: e for s in subsets for d, layer in enumerate(s.layers)
-               if (e := layer.get(MAIN_NAME.get(key, key) if d == 3 else key)) is not None}
+    present = {e.label: e for subset in subsets for e in _in_layers(subset, key)}
     used = {e.label: e for e in chosen if e is not None}
     values = [convert(e) if e is not None else DATASET_DEFAULTS.get(key) for e in chosen]
     distinct = list(dict.fromkeys(json.dumps(v) for v in values))
     if not used:
         imp.kohya_default(key, dotted)
     elif len(distinct) == 1:
+        value, approximate = _fit(key, values[0])
         for entry in used.values():
-            imp.set(entry, dotted, values[0])
+            imp.set(entry, dotted, value, approximate)
     else:
         shown = ", ".join(distinct)
         for entry in used.values():
-            imp.skip(entry, f"the subsets disagree ({shown}); lorabake applies one {dotted} to the whole run: "
-                            "set it in the run file")
+            imp.skip(entry, f"the subsets disagree ({shown}); lorabake applies one {dotted} to the whole run, "
+                            "left at its default: set it in the run file")
     for label, entry in present.items():
         if label not in used and label not in imp.handled:
             imp.skip(entry, "nothing lost: empty, not set in kohya" if _unset(entry.value)
                      else "nothing lost: every subset takes this from a more specific table")
+
+
+def _fit(key: str, value: Any) -> tuple[Any, str | None]:
+    """lorabake's latents are 1/8 of the image, so it wants resolutions in multiples of 8; kohya resizes."""
+    if key != "resolution":
+        return value, None
+    sides = [value] if isinstance(value, int) else value
+    fitted = [max(64, side - side % 8) for side in sides]
+    if fitted == sides:
+        return value, None
+    return (fitted[0] if len(fitted) == 1 else fitted), f"rounded down to multiples of 8: {fitted}"
 
 
 def _caption_extension(entry: Entry) -> str:
@@ -894,13 +927,10 @@ def _map_dim_alpha(imp: _Importer) -> tuple[int, float]:
         dim = imp.run.get("network", {}).get("dim", _lorabake_default("network.dim"))
     entry = imp.take("network_alpha")
     alpha = _number(entry) if entry is not None else 1.0  # sd-scripts' --network_alpha default, lorabake's too
-    if entry is not None and alpha == 0 and imp.flavor == "gui":
-        imp.skip(entry, "nothing lost: kohya_ss does not pass 0, so sd-scripts used its default alpha 1 (lorabake's too)")
-        alpha = 1.0
-    elif entry is not None and alpha == 0:  # LoRAModule: alpha 0 means alpha = dim, no scaling
-        imp.set(entry, "network.alpha", float(dim))
-        alpha = float(dim)
-    elif entry is not None:
+    if entry is not None and alpha == 0:
+        # kohya_ss does not pass a 0, so sd-scripts' default 1 applies; a 0 that reaches LoRAModule means alpha = dim
+        alpha = 1.0 if imp.flavor == "gui" else float(dim)
+    if entry is not None:
         imp.set(entry, "network.alpha", alpha)
     return dim, alpha
 
@@ -939,23 +969,25 @@ def _map_dropouts(imp: _Importer, kind: NetworkKind, args: dict[str, Entry]) -> 
         imp.skip(entry, "nothing lost: network_args dropout overrides it (sd-scripts)")
     source = arg or entry
     if source is not None:
-        if _number(source) and kind.algo not in ("lora", "locon"):
-            imp.skip(source, f"nothing lost: lycoris-lora applies dropout in LoRA/LoCon modules only, so kohya's {kind.algo} "
-                             "ignored it; module_dropout or rank_dropout work there")
-        else:
-            imp.set(source, "network.dropout", _number(source))
+        _set_dropout(imp, kind, source, "dropout", ("lora", "locon"))
     for name, algos in (("rank_dropout", ("lora", "locon", "loha", "lokr", "glora")), ("module_dropout", ALGOS)):
-        if name not in args:
-            continue
-        item = args.pop(name)
-        if _number(item) and kind.algo not in algos:
-            imp.skip(item, f"nothing lost: lycoris-lora applies {name} in {', '.join(algos)} modules only, so kohya's {kind.algo} "
-                           "ignored it")
-        else:
-            imp.set(item, f"network.{name}", _number(item))
+        if name in args:
+            _set_dropout(imp, kind, args.pop(name), name, algos)
     if "factor" in args:
         item = args.pop("factor")
         imp.set(item, "network.factor", _integer(item))
+
+
+def _set_dropout(imp: _Importer, kind: NetworkKind, entry: Entry, name: str, algos: tuple[str, ...]) -> None:
+    """lycoris-lora reads each dropout in some module types only (lorabake refuses it elsewhere)."""
+    if not _number(entry) or kind.algo in algos:
+        imp.set(entry, f"network.{name}", _number(entry))
+    elif kind.conv_follows_dim:
+        imp.skip(entry, f"nothing lost: lycoris-lora applies {name} in {', '.join(algos)} modules only, so kohya's "
+                        f"{kind.algo} ignored it")
+    else:
+        imp.skip(entry, f"lorabake trains LyCORIS' {kind.algo}, which has no {name} (it does in {', '.join(algos)}); "
+                        "kohya's own module used it: consider module_dropout")
 
 
 def _map_lycoris_args(imp: _Importer, args: dict[str, Entry]) -> None:
@@ -1056,7 +1088,7 @@ def _map_optimizer(imp: _Importer) -> None:
     args_entry = imp.take("optimizer_args")
     args = _key_value_args(args_entry, "optimizer_args") if args_entry is not None else []
     if args_entry is not None:
-        imp.handled.add(args_entry.label)
+        imp.record(args_entry, "optimizer.args (item by item below)", args_entry.value)
     chosen: dict[str, Any] = {}
     for arg in args:
         imp.entries[arg.label] = arg
@@ -1221,8 +1253,10 @@ def _map_warmup(imp: _Importer, scheduler: str | None) -> None:
                          "`lorabake validate` prints for this run.")
         return
     fraction = fraction if steps is None else steps / imp.total_steps
-    if scheduler in ("constant", "adafactor", None):
-        imp.skip(entry, f"the {scheduler or 'unmapped'} schedule has no warm-up (kohya refuses one: "
+    if scheduler is None:
+        imp.skip(entry, "the schedule was not carried over, so neither is its warm-up: set both by hand")
+    elif scheduler in ("constant", "adafactor"):
+        imp.skip(entry, f"the {scheduler} schedule has no warm-up (kohya refuses one: "
                         "'does not require num_warmup_steps')")
     elif not 0 < fraction < 1:
         imp.skip(entry, f"a warm-up of {fraction:g} of the run is not a fraction below 1")
@@ -1300,9 +1334,10 @@ def _map_simple(imp: _Importer) -> None:
             imp.skip(entry, str(e))
             continue
         if imp.flavor == "gui" and value == 0 and key in GUI_DROPPED_ZEROS:
-            imp.skip(entry, f"nothing lost: kohya_ss does not pass 0, so sd-scripts used its default {GUI_DROPPED_ZEROS[key]}")
-        else:
-            imp.set(entry, dotted, value)
+            value = GUI_DROPPED_ZEROS[key]
+        imp.set(entry, dotted, value)
+    if imp.run.get("training", {}).get("mixed_precision") == "fp16":
+        imp.notes.append("training.mixed_precision fp16 needs a CUDA GPU; on a CPU lorabake refuses it (use bf16).")
     if "init_weights" in imp.run.get("network", {}):
         imp.notes.append("network.init_weights is relative to the project root: copy the LoRA file there.")
     precision = [e for e in (imp.take("full_fp16"), imp.take("full_bf16")) if e is not None]
@@ -1477,17 +1512,42 @@ def _ordered(data: dict[str, Any], model: Any = RunConfig) -> dict[str, Any]:
 
 
 def _validated(imp: _Importer, config: Path) -> dict[str, Any]:
-    run = _ordered(imp.run)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            RunConfig.model_validate(run)
-        except ValidationError as e:
-            problems = "\n".join(f"  {'.'.join(map(str, p['loc'])) or 'run'}: {p['msg']}" for p in e.errors())
-            raise KohyaImportError(f"{config}: the imported settings are not a valid lorabake run (kohya may have "
-                                   f"refused them too):\n{problems}") from None
-    imp.notes += [f"lorabake warns: {w.message}" for w in caught]
-    return run
+    """The run, validated; a carried-over value lorabake refuses is taken out and reported instead."""
+    while True:
+        run = _ordered(imp.run)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                RunConfig.model_validate(run)
+            except ValidationError as e:
+                if not _drop_refused(imp, e):
+                    problems = "\n".join(f"  {'.'.join(map(str, p['loc'])) or 'run'}: {p['msg']}" for p in e.errors())
+                    raise KohyaImportError(f"{config}: the imported settings are not a valid lorabake run (kohya "
+                                           f"may have refused them too):\n{problems}") from None
+                continue
+        imp.notes += [f"lorabake warns: {w.message}" for w in caught]
+        return run
+
+
+def _drop_refused(imp: _Importer, error: ValidationError) -> bool:
+    """Take each refused single value out of the run and report it; False when a problem names no value
+    (a check across fields), which the user has to settle."""
+    dropped = False
+    for problem in error.errors():
+        parts = [str(part) for part in problem["loc"] if isinstance(part, str)]
+        parent = imp.run
+        for part in parts[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not parts or not isinstance(parent, dict) or isinstance(parent.get(parts[-1]), dict) or parts[-1] not in parent:
+            return False
+        dotted, value = ".".join(parts), parent.pop(parts[-1])
+        rows = [row for row in imp.mapped if row[1] == dotted]
+        imp.mapped = [row for row in imp.mapped if row[1] != dotted]
+        for label, _, _ in rows or [(dotted, dotted, value)]:
+            imp.unmapped.append((label, value, f"lorabake refuses {value!r} for {dotted} ({problem['msg']}): "
+                                               "lorabake's default applies"))
+        dropped = True
+    return dropped
 
 
 def import_kohya(config: Path, dataset_toml: Path | None = None, *, name: str | None = None) -> KohyaImport:
@@ -1596,44 +1656,3 @@ def render_report(result: KohyaImport, run_yaml: Path) -> str:
     if result.notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in result.notes]
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- command line
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="kohya_ss GUI config (.json) or sd-scripts --config_file (.toml)")
-    parser.add_argument("--dataset", type=Path, help="sd-scripts --dataset_config TOML")
-    parser.add_argument("--name", help="run name (default: output_name, else the config's file name)")
-    parser.add_argument("--runs-dir", type=Path, default=Path("configs/runs"), help="default: %(default)s")
-    parser.add_argument("--report", type=Path, help="default: <runs-dir>/<name>.kohya-import.md")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing run file")
-
-
-def run_command(args: argparse.Namespace) -> int:
-    try:
-        result = import_kohya(args.config, args.dataset, name=args.name)
-    except KohyaImportError as e:
-        print(f"lorabake: error: {e}", file=sys.stderr)
-        return 2
-    run_yaml = args.runs_dir / f"{result.name}.yaml"
-    if run_yaml.exists() and not args.force:
-        print(f"lorabake: error: {run_yaml} exists; pass --force to overwrite it, or --name to pick another",
-              file=sys.stderr)
-        return 2
-    report = args.report or args.runs_dir / f"{result.name}.kohya-import.md"
-    write_import(result, run_yaml, report)
-    exact = sum(1 for u in result.unmapped if not u[2].startswith(NOTHING_LOST))
-    print(f"wrote {run_yaml} ({len(result.mapped)} settings carried over) and {report} "
-          f"({exact} not carried over exactly; add its config.yaml entries before running)")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lorabake import-kohya", description="Turn a kohya training config "
-                                     "into a lorabake run config and a migration report.")
-    configure_parser(parser)
-    return run_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,10 +15,6 @@ def base_id_cache() -> str:
     return f"{RESULTS}/cache/base-ids.json"
 
 
-def merged_diffusers(name: str) -> str:
-    return f"{RESULTS}/merged/{name}.diffusers"
-
-
 def base_json(base: str) -> str:
     return f"{base_dir(base)}/base.json"
 
@@ -97,3 +93,19 @@ def merged(name: str) -> str:
 
 def extracted(name: str) -> str:
     return f"{RESULTS}/extracted/{name}.safetensors"
+
+
+def merged_diffusers(name: str) -> str:
+    return f"{RESULTS}/merged/{name}.diffusers"
+
+
+def resized(name: str) -> str:
+    return f"{RESULTS}/resized/{name}.safetensors"
+
+
+def resize_report(name: str) -> str:
+    return f"{RESULTS}/resized/{name}.json"
+
+
+def svd_merged(name: str) -> str:
+    return f"{RESULTS}/svd-merged/{name}.safetensors"

@@ -48,6 +48,8 @@ def get_all_targets():
     targets += [paths.merged(m.name) for m in f.merges]
     targets += [paths.merged_diffusers(m.name) for m in f.merges if m.diffusers]
     targets += [paths.extracted(e.name) for e in f.extracts]
+    targets += [paths.resized(r.name) for r in f.resizes]
+    targets += [paths.svd_merged(m.name) for m in f.svd_merges]
     return targets
 
 
@@ -122,3 +124,11 @@ def get_latent_gpu(wildcards):
     users = [run for run, cfg in WS.project.runs.items()
              if wildcards.ds in cfg.datasets and WS.latent_job(run, wildcards.ds).name == wildcards.spec]
     return min(1, max((WS.run(run).resources.gpu for run in users), default=0))
+
+
+def get_resize(wildcards):
+    return next(r for r in WS.project.file.resizes if r.name == wildcards.name)
+
+
+def get_svd_merge(wildcards):
+    return next(m for m in WS.project.file.svd_merges if m.name == wildcards.name)
