@@ -102,3 +102,35 @@ def test_option_reference_is_generated_from_the_models():
         if model is not None:
             assert {f"{name}.{child}" for child in model[0].model_fields} <= keys
     assert "| network.algo |" in committed and "| loss.multires_noise.iterations |" in committed
+
+
+XL = CONFIG.replace("{tiny: {builtin: tiny-sd}}", "{tiny: {builtin: tiny-sdxl}}")
+
+
+@pytest.mark.parametrize("run, message", [
+    ("training: {clip_skip: 2}\n", "clip_skip has no meaning for SDXL"),
+    ("pivotal: {token: tok}\n", "pivotal: not supported for SDXL"),
+    ("network: {block_lr_weights: [" + ", ".join(["1"] * 25) + "]}\n", "25-block SD1/SD2 vocabulary"),
+])
+def test_sdxl_refuses_options_it_cannot_honour(tmp_path, run, message):
+    with pytest.raises(ConfigError, match=message):
+        load_project(project(tmp_path, run, XL))
+    load_project(project(tmp_path, run, CONFIG))  # the same run on an SD1 base is fine
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
+def test_pickled_base_is_refused_with_the_way_to_opt_in(tmp_path, suffix):
+    (tmp_path / f"model{suffix}").write_bytes(b"not even read")
+    config = CONFIG.replace("{tiny: {builtin: tiny-sd}}", f"{{tiny: {{path: model{suffix}}}}}")
+    with pytest.raises(ConfigError) as error:
+        load_project(project(tmp_path, "", config))
+    message = str(error.value)
+    assert f"bases.tiny.path: {tmp_path / f'model{suffix}'} is a pickled checkpoint" in message
+    assert "set `allow_pickle: true` under bases.tiny" in message
+
+
+def test_base_needs_exactly_one_source(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of builtin"):
+        load_project(project(tmp_path, "", CONFIG.replace("{builtin: tiny-sd}", "{builtin: tiny-sd, path: x}")))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_project(project(tmp_path, "", CONFIG.replace("{builtin: tiny-sd}", "{path: missing.safetensors}")))

@@ -388,6 +388,20 @@ class RunConfig(Strict):
         r = self.resolution
         return (r, r) if isinstance(r, int) else (r[0], r[1])
 
+    def unsupported_on(self, arch: str) -> list[str]:
+        """Options that have no meaning (yet) on this architecture: refused, never silently ignored."""
+        if arch != "sdxl":
+            return []
+        n, problems = self.network, []
+        if any(v is not None for v in (n.block_dims, n.block_alphas, n.block_lr_weights)):
+            problems.append("network.block_dims/block_alphas/block_lr_weights use the 25-block SD1/SD2 vocabulary; "
+                            "not supported for SDXL yet")
+        if self.pivotal is not None:
+            problems.append("pivotal: not supported for SDXL yet")
+        if self.training.clip_skip != 1:  # kohya's SDXL trainers warn that clip_skip does nothing
+            problems.append("training.clip_skip has no meaning for SDXL, which always uses the penultimate layers")
+        return problems
+
     def bucket_spec(self) -> BucketSpec:
         b = self.buckets
         return BucketSpec(self.size, b.enabled, b.min, b.max, b.step, b.no_upscale)
@@ -656,12 +670,19 @@ def check_references(project: Project) -> None:
                 problems.append(f"{where}: datasets: '{ds}' is not a key of datasets in {project.config_file.name} ({sorted(f.datasets)})")
     for name in sorted(f.bases):
         problems += _check_base(project, name)
+    architectures = {name: _architecture(project, name) for name in f.bases} if not problems else {}
+    for name, run in project.runs.items():
+        problems += [f"{project.run_files[name]}: {p} (base {run.base} is {architectures[run.base]})"
+                     for p in run.unsupported_on(architectures.get(run.base, ""))]
     merge_names = [m.name for m in f.merges]
     for i, merge in enumerate(f.merges):
         problems += _check_name(project, f"merges.{i}.name", merge.name)
         if merge.base not in f.bases:
             problems.append(f"{project.config_file}: merges.{i}.base: '{merge.base}' is not a key of bases")
         for j, lora in enumerate(merge.loras):
+            if lora.block_weights is not None and architectures.get(merge.base) == "sdxl":
+                problems.append(f"{project.config_file}: merges.{i}.loras.{j}.block_weights: the 25-block vocabulary "
+                                f"is SD1/SD2's; base {merge.base} is SDXL (give a ratio only)")
             if lora.run not in project.runs:
                 problems.append(f"{project.config_file}: merges.{i}.loras.{j}.run: no run named '{lora.run}' in {project.config_file.parent / 'runs'}")
     for i, extract in enumerate(f.extracts):
@@ -700,6 +721,23 @@ def _check_base(project: Project, name: str) -> list[str]:
                 f"Convert it to .safetensors, or, if you trust its source, set `allow_pickle: true` under "
                 f"bases.{name} in {project.config_file.name}"]
     return []
+
+
+def _architecture(project: Project, name: str) -> str:
+    """sd1 | sd2 | sdxl, from the builtin's name or the checkpoint's header ("" when only the
+    base_model job can tell: a pickle, or a file the importer will explain)."""
+    spec = project.file.bases[name]
+    if spec.builtin is not None:
+        return BUILTIN_ARCHITECTURES[spec.builtin]
+    path = project.base_path(name)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return ""
+    from lorabake import base_files  # reads the header only; imported only for path bases
+
+    try:
+        return base_files.detect(path, prediction=spec.prediction).arch
+    except base_files.BaseFileError:
+        return ""
 
 
 def _check_name(project: Project, key: str, name: str) -> list[str]:

@@ -111,17 +111,10 @@ def setup(inputs: RunInputs) -> Session:
 
 
 def check_architecture(name: str, run: RunConfig, arch: str) -> None:
-    """Options that have no meaning yet on this architecture are refused, not silently ignored."""
-    if arch != "sdxl":
-        return
-    problems = [f"{key} is not supported for SDXL yet" for key, set_ in (
-        ("network.block_dims/block_alphas/block_lr_weights (the 25-block vocabulary is SD1/SD2's)",
-         network.has_block_options(run.network)),
-        ("pivotal", run.pivotal is not None)) if set_]
-    if run.training.clip_skip != 1:  # kohya's SDXL trainers warn that clip_skip does nothing
-        problems.append("training.clip_skip has no meaning for SDXL, which always uses the penultimate layers")
+    """The config check again, against the base as built (load_project already refused these)."""
+    problems = run.unsupported_on(arch)
     if problems:
-        raise ConfigError(f"run {name} (base {run.base}, SDXL): " + "; ".join(problems))
+        raise ConfigError(f"run {name} (base {run.base}, {arch}): " + "; ".join(problems))
 
 
 def configure_models(base: models.Base, run: RunConfig) -> None:
