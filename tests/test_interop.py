@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import logging
 import re
 import warnings
@@ -27,8 +26,6 @@ import torch
 from lorabake import lora_format, models, network
 from lorabake.config import Network
 
-# diffusers' load_lora_weights refuses to run without its PEFT backend
-needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="diffusers' LoRA loading needs peft")
 
 # An alpha below dim, and another for 3×3 convs, so a client that ignores alpha or reads one for all fails.
 LORA = Network(algo="lora", dim=4, alpha=2)
@@ -48,6 +45,18 @@ def base_dir(tmp_path_factory) -> Callable[[str], Path]:
         return root / builtin
 
     return build
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(base_dir) -> Callable[[str], dict[str, torch.Tensor]]:
+    """What a base computes without any LoRA, by name, computed once."""
+
+    @functools.cache
+    def compute(builtin: str) -> dict[str, torch.Tensor]:
+        plain = models.load_base(base_dir(builtin), ("unet", "text_encoder"))
+        return outputs(plain.unet, plain.text_encoders)
+
+    return compute
 
 
 @torch.no_grad()
@@ -158,28 +167,27 @@ def wrapped_by_peft(pipe, kohya_names: dict[int, str]) -> dict[str, torch.nn.Mod
 
 
 def load_in_diffusers(base: Path, path: Path):
-    """The base's pipeline with the file loaded; returns (pipeline, outputs before loading, complaints,
-    kohya names of the layers it wrapped)."""
+    """The base's pipeline with the file loaded; returns (pipeline, complaints, the layers it wrapped by
+    kohya name)."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(base, local_files_only=True)
     text_encoders = pipeline_text_encoders(pipe)
     te_argument = text_encoders if len(text_encoders) > 1 else text_encoders[0]
     kohya_names = {id(module): name for name, (_, module, _) in network.module_table(pipe.unet, te_argument).items()}
-    before = outputs(pipe.unet, text_encoders)
     with client_complaints() as complaints:
         pipe.load_lora_weights(str(path))
-    return pipe, before, complaints, wrapped_by_peft(pipe, kohya_names)
+    return pipe, complaints, wrapped_by_peft(pipe, kohya_names)
 
 
-@needs_peft
 @pytest.mark.parametrize("builtin, cfg", [("tiny-sd", LORA), ("tiny-sd", LOCON), ("tiny-sdxl", LORA),
                                           ("tiny-sdxl", LOCON), ("tiny-sd2-v", LORA)],
                          ids=["sd1-lora", "sd1-locon", "sdxl-lora", "sdxl-locon", "sd2-lora"])
-def test_diffusers_loads_every_module_and_computes_what_our_runtime_does(base_dir, tmp_path, builtin, cfg):
+def test_diffusers_loads_every_module_and_computes_what_our_runtime_does(base_dir, plain_outputs, tmp_path,
+                                                                        builtin, cfg):
     base = base_dir(builtin)
     path = write_lora(base, cfg, tmp_path / "lora.safetensors")
-    pipe, before, complaints, wrapped = load_in_diffusers(base, path)
+    pipe, complaints, wrapped = load_in_diffusers(base, path)
     assert complaints == []
     assert wrapped.keys() == modules_in(path)
     if cfg.conv_dim is not None:  # LoCon's 3×3 convs were taken, not only the attention layers
@@ -189,10 +197,9 @@ def test_diffusers_loads_every_module_and_computes_what_our_runtime_does(base_di
     want = runtime_outputs(base, path)
     assert max(differences(got, want).values()) < TOLERANCE, differences(got, want)
     # and the LoRA did change every output, so the agreement above is not both sides doing nothing
-    assert min(differences(got, before).values()) > 100 * TOLERANCE, differences(got, before)
+    assert min(differences(got, plain_outputs(builtin)).values()) > 100 * TOLERANCE
 
 
-@needs_peft
 def test_the_complaint_check_sees_a_module_diffusers_cannot_place(base_dir, tmp_path):
     """A file naming a layer the UNet lacks: diffusers loads the rest and only logs a warning, which is
     why the test above must read its log."""
@@ -204,7 +211,7 @@ def test_the_complaint_check_sees_a_module_diffusers_cannot_place(base_dir, tmp_
     for key in [k for k in saved if k.startswith(f"{real}.")]:
         saved[key.replace("down_blocks_0", "down_blocks_7")] = saved[key].clone()
     save_file(saved, str(tmp_path / "stray.safetensors"))
-    _, _, complaints, wrapped = load_in_diffusers(base, tmp_path / "stray.safetensors")
+    _, complaints, wrapped = load_in_diffusers(base, tmp_path / "stray.safetensors")
     assert any("unexpected keys" in message and "down_blocks.7" in message for message in complaints)
     assert len(wrapped) == len(modules_in(tmp_path / "stray.safetensors")) - 1
 
@@ -212,25 +219,24 @@ def test_the_complaint_check_sees_a_module_diffusers_cannot_place(base_dir, tmp_
 # ---------------------------------------------------------------- LyCORIS
 
 @pytest.fixture(scope="module", params=["loha", "lokr"])
-def lycoris_file(request, base_dir, tmp_path_factory) -> tuple[Path, Path, dict]:
+def lycoris_file(request, base_dir, plain_outputs, tmp_path_factory) -> tuple[Path, Path, dict]:
     """(base, an SD1 file of this algo, what our runtime computes with it, which differs everywhere from
     what the base computes: agreeing with it means applying the file)."""
     base = base_dir("tiny-sd")
     path = write_lora(base, Network(algo=request.param, dim=4, alpha=2),
                       tmp_path_factory.mktemp(request.param) / "lora.safetensors")
-    plain, want = models.load_base(base, ("unet", "text_encoder")), runtime_outputs(base, path)
-    assert min(differences(outputs(plain.unet, plain.text_encoders), want).values()) > 100 * TOLERANCE
+    want = runtime_outputs(base, path)
+    assert min(differences(want, plain_outputs("tiny-sd")).values()) > 100 * TOLERANCE
     return base, path, want
 
 
-def test_lycoris_kohya_loader_applies_our_unet_modules_and_skips_flattened_text_encoders(lycoris_file):
+def test_lycoris_kohya_loader_applies_our_unet_modules_and_skips_flattened_text_encoders(lycoris_file, plain_outputs):
     """`lycoris.kohya.create_network_from_weights` is what sd-scripts runs for
     `--network_module lycoris.kohya --network_weights`. It drops names it cannot place without a word."""
     from lycoris.kohya import create_network_from_weights
 
     base, path, want = lycoris_file
     client = models.load_base(base, ("unet", "text_encoder"))
-    untouched_text = outputs(None, client.text_encoders)
     net, _ = create_network_from_weights(1.0, str(path), None, client.text_encoder, client.unet)
     net.apply_to(client.text_encoder, client.unet, apply_text_encoder=True, apply_unet=True)
 
@@ -239,7 +245,8 @@ def test_lycoris_kohya_loader_applies_our_unet_modules_and_skips_flattened_text_
     assert differences(got, {"unet": want["unet"]})["unet"] < TOLERANCE
     # transformers 5's CLIPTextModel has no `text_model.` level: LyCORIS looks for `lora_te_encoder_…`
     assert net.text_encoder_loras == []
-    assert all(torch.equal(value, untouched_text[key]) for key, value in outputs(None, client.text_encoders).items())
+    untouched = plain_outputs("tiny-sd")
+    assert all(torch.equal(value, untouched[key]) for key, value in outputs(None, client.text_encoders).items())
 
 
 class Transformers4Layout(torch.nn.Module):
