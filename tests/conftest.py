@@ -13,6 +13,19 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """In-process tests run torch on one thread: the tiny models' ops are too small to share, and on
+    two busy cores OpenMP's waiting threads made a 4-step run take 40 s instead of 1 s (measured).
+    Workflow tests run `lorabake` under Snakemake, which pins OMP_NUM_THREADS per rule itself."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_project(dest: Path) -> Path:
     """A self-contained copy of the repo's demo project (its own Snakefile, rules, configs, datasets)
     plus a second dataset `other` used by one extra run, so "only the runs using A" is observable."""

@@ -117,9 +117,7 @@ def cmd_train(ws: Workspace, args) -> None:
     params = ws.train_params(args.run)
     store.write_json(paths.run_config(args.run), {"run": args.run, "config": run.model_dump(mode="json"),
                                                    "params": params})
-    tags = {ds: dict(Counter(t for item in d.train_items for t in split_tags(item.caption)).most_common())
-            for ds, d in datasets.items()}
-    facts = {"ss_tag_frequency": tags, "ss_num_train_images": str(sum(len(d.train_items) for d in datasets.values())),
+    facts = {"ss_tag_frequency": tag_frequency(datasets), "ss_num_train_images": str(sum(len(d.train_items) for d in datasets.values())),
              "ss_num_reg_images": str(sum(len(d.reg_items) for d in datasets.values())),
              "lorabake_config_digest": params["config"], "lorabake_caption_digests": params["captions"]}
     indexes = {ds: latents.read_index(Path(p)) for ds, p in ws.latent_indexes(args.run).items()}
@@ -127,6 +125,15 @@ def cmd_train(ws: Workspace, args) -> None:
         Path(paths.run_dir(args.run), folder).mkdir(parents=True, exist_ok=True)
     train(RunInputs(args.run, run, Path(paths.base_dir(run.base)), datasets, indexes, facts,
                     root=ws.project.root, digest=store.digest(params)))
+
+
+def tag_frequency(datasets: dict) -> dict[str, dict[str, int]]:
+    """kohya's ss_tag_frequency: tag counts per image folder (`5_lbk_circle`), each image once."""
+    folders: dict[str, Counter] = {}
+    for dataset in datasets.values():
+        for item in dataset.train_items:
+            folders.setdefault(item.rel.rsplit("/", 1)[0], Counter()).update(split_tags(item.caption))
+    return {folder: dict(counts.most_common()) for folder, counts in sorted(folders.items())}
 
 
 class TrainingFailed(RuntimeError):
