@@ -20,9 +20,7 @@ import functools
 import json
 import os
 import re
-import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -365,19 +363,12 @@ def materialize_config(detected: Detected, dest: Path) -> Path:
     for relative, content in configs.items():
         store.write_json(dest / relative, content)
     _write_scheduler(dest, scheduler, detected.prediction)
-    _write_tokenizers(dest, detected.arch)
+    models.write_tokenizers(dest, detected.arch)
     return dest
 
 
 def _write_scheduler(folder: Path, scheduler: dict, prediction: str) -> None:
     store.write_json(folder / SCHEDULER_CONFIG, scheduler | {"prediction_type": prediction})
-
-
-def _write_tokenizers(folder: Path, arch: str) -> None:
-    """CLIP's vocabulary for every encoder; OpenCLIP's (SD2, SDXL's second) pads with "!"."""
-    models.write_clip_tokenizer(folder / "tokenizer", pad_token="!" if arch == "sd2" else "<|endoftext|>")
-    if arch == "sdxl":
-        models.write_clip_tokenizer(folder / "tokenizer_2", pad_token="!")
 
 
 # ---------------------------------------------------------------- importing
@@ -398,7 +389,7 @@ def import_single_file(path: str | os.PathLike, out_dir: str | os.PathLike, *, a
         _convert_weights(ckpt, detected.arch, tmp)
         store.write_json(tmp / "base.json", info)
 
-    _build_atomically(out_dir, build)
+    store.build_folder(out_dir, build)
     return info
 
 
@@ -463,11 +454,11 @@ def import_diffusers_folder(path: str | os.PathLike, out_dir: str | os.PathLike,
             for name in tokenizers:
                 (tmp / name).symlink_to(path / name, target_is_directory=True)
         else:
-            _write_tokenizers(tmp, detected.arch)
+            models.write_tokenizers(tmp, detected.arch)
         store.write_json(tmp / "model_index.json", _pipeline_index(path, [*components, "scheduler", *tokenizers]))
         store.write_json(tmp / "base.json", info)
 
-    _build_atomically(out_dir, build)
+    store.build_folder(out_dir, build)
     return info
 
 
@@ -530,23 +521,6 @@ def _base_info(source: Path, kind: str, detected: Detected, id_cache: Path) -> d
 
 def _default_id_cache(out_dir: Path) -> Path:
     return out_dir.parent / ".content-ids.json"
-
-
-def _build_atomically(out_dir: Path, build: Callable[[Path], None]) -> None:
-    """Build in a sibling temp folder, then swap it in; readers never see a half-built base.
-    (rmtree does not follow the symlinks of a linked base, so sources are never deleted.)"""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    old = tmp.with_name(tmp.name + ".old")
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a base folder gets an ordinary mode
-        build(tmp)
-        if out_dir.exists() or out_dir.is_symlink():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- content ids

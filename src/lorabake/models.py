@@ -69,6 +69,14 @@ def write_clip_tokenizer(out_dir: Path, pad_token: str = "<|endoftext|>") -> Non
     })
 
 
+def write_tokenizers(folder: Path, arch: str) -> None:
+    """The tokenizer folders an architecture's pipeline reads: CLIP's vocabulary for every encoder;
+    OpenCLIP's (SD2, SDXL's second) pads with "!"."""
+    write_clip_tokenizer(Path(folder) / "tokenizer", pad_token="!" if arch == "sd2" else "<|endoftext|>")
+    if arch == "sdxl":
+        write_clip_tokenizer(Path(folder) / "tokenizer_2", pad_token="!")
+
+
 # ---------------------------------------------------------------- the tiny models
 
 def tiny_unet(arch: str = "sd1"):
@@ -155,9 +163,7 @@ def build_tiny(builtin: str, out_dir: Path) -> None:
         model.save_pretrained(out_dir / name, safe_serialization=True)
         classes[name] = (model.__module__.split(".")[0], type(model).__name__)
     DDPMScheduler(**spec.scheduler).save_pretrained(out_dir / "scheduler")
-    write_clip_tokenizer(out_dir / "tokenizer", pad_token="!" if spec.arch == "sd2" else "<|endoftext|>")
-    if spec.arch == "sdxl":
-        write_clip_tokenizer(out_dir / "tokenizer_2", pad_token="!")
+    write_tokenizers(out_dir, spec.arch)
     index = {"_class_name": spec.pipeline, "feature_extractor": [None, None]}
     if spec.arch != "sdxl":
         index |= {"safety_checker": [None, None], "requires_safety_checker": False}
@@ -167,23 +173,15 @@ def build_tiny(builtin: str, out_dir: Path) -> None:
 
 def build_base(builtin: str, out_dir: Path) -> str:
     """Build a base into `out_dir` (atomically, via a sibling temp folder) and return its id."""
-    import shutil
-    import tempfile
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    def build(tmp: Path) -> str:
         build_tiny(builtin, tmp)
         base_id = store.tree_sha256(tmp)[:16]
         store.write_json(tmp / "base.json", {"id": base_id, "builtin": builtin, "architecture": TINY[builtin].arch,
                                              "prediction": TINY[builtin].prediction})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return base_id
+        return base_id
+
+    return store.build_folder(out_dir, build)
 
 
 # ---------------------------------------------------------------- loading a built base

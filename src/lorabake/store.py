@@ -9,9 +9,12 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 CHUNK = 1 << 20
 
@@ -30,6 +33,26 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, destination)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def build_folder(destination: str | os.PathLike, build: Callable[[Path], T]) -> T:
+    """Build a folder in a sibling temp folder, then swap it in: readers never see a half-built one.
+    Returns what `build` returns. (rmtree does not follow symlinks, so a folder of links to a
+    user's files never deletes them.)"""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    old = tmp.with_name(tmp.name + ".old")
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a folder artifact gets an ordinary mode
+        result = build(tmp)
+        if destination.exists() or destination.is_symlink():
+            destination.rename(old)
+        tmp.rename(destination)
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:
