@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from lorabake import sd_layout
 from lorabake.blocks import block_of, block_values
 from lorabake.config import ALGOS, BLOCKS, Network
 
@@ -238,12 +239,6 @@ def is_sdxl(unet) -> bool:
     return unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
-def sdxl_unet_names(unet) -> dict[str, str]:
-    from lorabake import sd_layout
-
-    return sd_layout.unet_original_names(unet)
-
-
 def text_encoder_prefixes(text_encoder) -> list[tuple[str, torch.nn.Module]]:
     """lycoris (like kohya) names one text encoder `lora_te`, a list of them `lora_te1`, `lora_te2`."""
     if isinstance(text_encoder, (list, tuple)):
@@ -261,7 +256,7 @@ def module_table(unet, text_encoder) -> dict[str, tuple[str, torch.nn.Module, bo
     `lora_te_text_model_encoder_…`."""
     table = {}
     if unet is not None:
-        original = sdxl_unet_names(unet) if is_sdxl(unet) else {}
+        original = sd_layout.unet_original_names(unet) if is_sdxl(unet) else {}
         for path, module in unet.named_modules():
             if path:
                 table[lora_name(UNET_PREFIX, original.get(path, path))] = (lora_name(UNET_PREFIX, path), module, True)
@@ -291,15 +286,18 @@ def _conv_ups_as_1x1(state: dict) -> dict:
     return fixed
 
 
+def _lycoris_names(table: dict) -> dict[str, str]:
+    return {kohya: lycoris for kohya, (lycoris, _, _) in table.items()}
+
+
 def to_kohya_keys(state: dict, unet, text_encoder) -> dict:
     """lycoris-named keys on these models → the key names (and shapes) every other tool expects."""
-    names = {lycoris: kohya for kohya, (lycoris, _, _) in module_table(unet, text_encoder).items()}
+    names = {lycoris: kohya for kohya, lycoris in _lycoris_names(module_table(unet, text_encoder)).items()}
     return _conv_ups_as_1x1(_rename(state, names))
 
 
 def from_kohya_keys(state: dict, unet, text_encoder) -> dict:
-    names = {kohya: lycoris for kohya, (lycoris, _, _) in module_table(unet, text_encoder).items()}
-    return _rename(state, names)
+    return _rename(state, _lycoris_names(module_table(unet, text_encoder)))
 
 
 def _dylora_alpha(lora) -> torch.Tensor:
@@ -360,7 +358,7 @@ def load_weights(path: Path, unet, text_encoder, multiplier: float = 1.0):
     unmatched = [name for name in names if name not in table]
     if unmatched:
         raise UnmatchedKeys(f"{path}: {len(unmatched)} LoRA module(s) match nothing in the model, e.g. {unmatched[:3]}")
-    weights = from_kohya_keys(saved, unet, text_encoder)
+    weights = _rename(saved, _lycoris_names(table))  # from_kohya_keys, on the table already built
     network = _empty_network(unet, text_encoder)
     for kohya in names:
         name, org_module, on_unet = table[kohya]
@@ -414,7 +412,7 @@ def merge_weights(path: Path, unet, text_encoder, multiplier: float = 1.0,
     network = load_weights(path, unet, text_encoder, multiplier)
     loras = network.unet_loras + network.text_encoder_loras
     for lora in loras:
-        block = block_of(lora.lora_name) if block_weights is not None and lora in network.unet_loras else None
+        block = block_of(lora.lora_name) if block_weights is not None else None  # None for text encoders
         strength = multiplier * (block_weights[block] if block is not None else 1.0)
         if _scales_twice(lora):
             weight = lora.org_module[0].weight
