@@ -53,7 +53,7 @@ def extract(base: models.Base, base_info: dict, tuned: models.Base, out: Path, *
         down, up = lora_tools.svd_factors(delta, rank, clamp_quantile)
         state |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
                   f"{name}.alpha": torch.tensor(float(down.shape[0]))}
-    size = base.unet.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1)
+    size = base.resolution
     args = {"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)} if conv_dim else {}
     metadata = lora_format.lora_metadata(
         run_name=out.stem, algo="lora", dim=dim, alpha=float(dim), network_args=args, base=base_info,

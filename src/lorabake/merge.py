@@ -35,8 +35,8 @@ def merge_into(base: models.Base, lora: MergeInput) -> int:
         raise ValueError(f"{lora.path}: block weights use the 25-block SD1/SD2 vocabulary; SDXL merges take a ratio only")
     weights = block_values(lora.block_weights, 1.0) if lora.block_weights is not None else None
     merged = network.merge_weights(lora.path, base.unet, base.te, lora.ratio, block_weights=weights)
-    models_ = [base.unet, *base.text_encoders]
-    broken = [name for model in models_ for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    broken = [name for model in (base.unet, *base.text_encoders) for name, p in model.named_parameters()
+              if not torch.isfinite(p).all()]
     if broken:
         raise ValueError(f"merging {lora.describe()} made non-finite weights in {broken[:3]}")
     return merged
@@ -47,7 +47,7 @@ def checkpoint_metadata(base_dir: Path, base: models.Base, loras: list[MergeInpu
     lorabake's provenance."""
     info = models.base_info(base_dir)
     arch_meta = lora_format.architecture_metadata(base.arch, info.get("prediction", "epsilon"))
-    size = base.unet.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1)
+    size = base.resolution
     return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": arch_meta["modelspec.architecture"].removesuffix("/lora"),
@@ -70,9 +70,9 @@ def merge(base_dir: Path, loras: list[MergeInput], out: Path, precision: str = "
                             checkpoint_metadata(base_dir, base, loras, title=Path(out).stem))
 
 
-def load_single_file(base_dir: Path, checkpoint: Path) -> models.Base:
-    """A single-file checkpoint of the base's architecture as models (fp32), read by diffusers'
-    own single-file loader with the base folder's configs, offline."""
+def load_merged(base_dir: Path, checkpoint: Path) -> models.Base:
+    """A merged (single-file) checkpoint of the base's architecture as models (fp32), read by
+    diffusers' own single-file loader with the base folder's configs, offline."""
     import diffusers
 
     base = models.load_base(base_dir, parts=())
@@ -84,8 +84,3 @@ def load_single_file(base_dir: Path, checkpoint: Path) -> models.Base:
         if module is not None:
             setattr(base, name, module.float().eval().requires_grad_(False))
     return base
-
-
-def load_merged(base_dir: Path, checkpoint: Path) -> models.Base:
-    """The base's architecture with the merged checkpoint's weights (in fp32)."""
-    return load_single_file(base_dir, checkpoint)

@@ -203,6 +203,11 @@ class Base:
         return float(self.vae.config.scaling_factor)
 
     @property
+    def resolution(self) -> int:
+        """The image side the base was made for: the UNet's latent size × the VAE's downscale."""
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def text_encoders(self) -> list[torch.nn.Module]:
         return [te for te in (self.text_encoder, self.text_encoder_2) if te is not None]
 
