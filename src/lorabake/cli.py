@@ -179,9 +179,9 @@ def cmd_extract(ws: Workspace, args) -> None:
 
     spec = next(e for e in ws.project.file.extracts if e.name == args.name)
     base_dir = Path(paths.base_dir(spec.base))
-    base = models.load_base(base_dir, parts=("unet", "vae", "text_encoder"))
+    base = models.load_base(base_dir)
     if spec.tuned in ws.project.file.bases:  # a checkpoint the user has, imported like any base
-        tuned = models.load_base(Path(paths.base_dir(spec.tuned)), parts=("unet", "vae", "text_encoder"))
+        tuned = models.load_base(Path(paths.base_dir(spec.tuned)))
         source = f"base {spec.tuned}"
     else:
         tuned = merge.load_merged(base_dir, Path(paths.merged(spec.tuned)))
@@ -206,23 +206,14 @@ def cmd_resize(ws: Workspace, args) -> None:
 
 
 def cmd_svd_merge(ws: Workspace, args) -> None:
-    import json
-
     from lorabake import lora_format, lora_tools
 
     spec = next(m for m in ws.project.file.svd_merges if m.name == args.name)
-    loaded = [(lora_tools.load_lora(paths.run_lora(lora.run)), lora.ratio) for lora in spec.loras]
-    merged = lora_tools.svd_merge([(state, ratio) for (state, _), ratio in loaded], spec.rank, spec.conv_rank,
-                                  spec.clamp_quantile)
-    first = loaded[0][0][1]  # the base model facts of the first LoRA (all must share the base)
-    keep = ("ss_base_model_version", "ss_v2", "ss_v_parameterization", "ss_resolution", "lorabake_base_id") \
-        + tuple(k for k in first if k.startswith("modelspec.") and k != "modelspec.title")
-    metadata = {k: first[k] for k in keep if k in first} | {
-        "ss_output_name": spec.name, "ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
-        "ss_network_alpha": str(spec.rank), "ss_network_args": json.dumps(
-            {"conv_dim": str(spec.conv_rank), "conv_alpha": str(spec.conv_rank)} if spec.conv_rank else {}),
-        "modelspec.title": spec.name, "modelspec.merged_from": ", ".join(l.run for l in spec.loras),
-        "ss_training_comment": "svd merge of " + ", ".join(f"{l.run} × {l.ratio:g}" for l in spec.loras)}
+    loaded = [lora_tools.load_lora(paths.run_lora(lora.run)) for lora in spec.loras]
+    merged = lora_tools.svd_merge([(state, lora.ratio) for (state, _), lora in zip(loaded, spec.loras)],
+                                  spec.rank, spec.conv_rank, spec.clamp_quantile)
+    metadata = lora_tools.svd_merged_metadata(spec.name, [(lora.run, lora.ratio) for lora in spec.loras],
+                                              loaded[0][1], spec.rank, spec.conv_rank)
     lora_format.save_lora(merged, paths.svd_merged(spec.name), spec.precision, metadata)
     print(f"svd-merge {spec.name}: {len(lora_tools.module_names(merged))} modules at rank {spec.rank}")
 

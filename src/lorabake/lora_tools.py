@@ -18,6 +18,8 @@ then an SVD of the small rank×rank core), so a module costs O((out + in)·rank�
 """
 from __future__ import annotations
 
+import json
+
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -385,3 +387,20 @@ def resized_metadata(metadata: dict[str, str], report: ResizeReport) -> dict[str
     comment = metadata.get("ss_training_comment", "")
     fresh["ss_training_comment"] = f"{report.describe()}; {comment}" if comment else report.describe()
     return fresh
+
+
+# Keys of a source LoRA's metadata that describe its base model, which an SVD merge keeps.
+BASE_MODEL_KEYS = ("ss_base_model_version", "ss_v2", "ss_v_parameterization", "ss_resolution", "lorabake_base_id")
+
+
+def svd_merged_metadata(name: str, sources: list[tuple[str, float]], first: dict[str, str], rank: int,
+                        conv_rank: int | None) -> dict[str, str]:
+    """An SVD merge's metadata: the base-model facts of the first source (the sources share their
+    base), a plain kohya LoRA of the new rank (alpha = rank), and what was merged."""
+    kept = [k for k in first if k in BASE_MODEL_KEYS or (k.startswith("modelspec.") and k != "modelspec.title")]
+    conv = {"conv_dim": str(conv_rank), "conv_alpha": str(conv_rank)} if conv_rank else {}
+    return {k: first[k] for k in kept} | {
+        "ss_output_name": name, "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+        "ss_network_alpha": str(rank), "ss_network_args": json.dumps(conv),
+        "modelspec.title": name, "modelspec.merged_from": ", ".join(run for run, _ in sources),
+        "ss_training_comment": "svd merge of " + ", ".join(f"{run} × {ratio:g}" for run, ratio in sources)}
