@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from lorabake import models, store
+from lorabake.config import PICKLE_SUFFIXES  # one list decides what is a pickle, here and at load_project
 
 CONFIG_ROOT = Path(__file__).with_name("model_configs")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PREDICTIONS = ("epsilon", "v_prediction")
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 SET_PREDICTION = "set `prediction: epsilon` or `v_prediction` under bases.<name> in configs/config.yaml"
