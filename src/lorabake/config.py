@@ -428,9 +428,7 @@ class MergeLora(Strict):
     @field_validator("block_weights")
     @classmethod
     def _25_blocks(cls, value):
-        if value is not None and len(value) != len(BLOCKS):
-            raise ValueError(f"needs {len(BLOCKS)} values ({BLOCKS[0]}…{BLOCKS[-1]}), got {len(value)}")
-        return value
+        return _per_block(value, "block_weights")
 
 
 class Merge(Strict):
