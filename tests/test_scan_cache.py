@@ -61,7 +61,7 @@ def cache_dir(tmp_path: Path) -> Path:
 
 
 def scan(root: Path, cache_dir: Path | None):
-    return scan_dataset(root, "pets", cache_dir=cache_dir)
+    return scan_dataset(root, "pets", cache_file=None if cache_dir is None else cache_dir / "pets.json")
 
 
 def cache_records(cache_dir: Path) -> dict:

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from lorabake import models, store
-from lorabake.config import PICKLE_SUFFIXES  # one list decides what is a pickle, here and at load_project
+from lorabake import checkpoint_header, models, store
+from lorabake.checkpoint_header import (ARCH_MARKERS, PICKLE_SUFFIXES, UNET, HeaderError, architecture_of,
+                                        describe_markers, read_header)
 
 CONFIG_ROOT = Path(__file__).with_name("model_configs")
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -36,15 +37,6 @@ SET_PREDICTION = "set `prediction: epsilon` or `v_prediction` under bases.<name>
 # The real model's config per architecture: its scheduler stands in when a diffusers folder has none.
 REAL_CONFIGS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl-base-1.0"}
 
-UNET = "model.diffusion_model."
-# Key prefixes that tell the architectures apart (the original repos' module names): SDXL's encoders
-# sit under `conditioner.embedders` and its UNet has the size/crop embedding `label_emb`; SD2's
-# OpenCLIP under `cond_stage_model.model.`; SD1's OpenAI CLIP under `cond_stage_model.transformer.`.
-ARCH_MARKERS = {
-    "sdxl": ("conditioner.embedders.1.model.", UNET + "label_emb."),
-    "sd2": ("cond_stage_model.model.",),
-    "sd1": ("cond_stage_model.transformer.",),
-}
 # Each text encoder's token embedding (vocabulary × width), in the original layout.
 TOKEN_EMBEDDINGS = {
     "sd1": {"text_encoder": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"},
@@ -128,24 +120,29 @@ def _open_checkpoint(path: Path, allow_pickle: bool) -> _Checkpoint:
             raise _pickle_refused(path)
         tensors = _load_pickle(path)
         return _Checkpoint(path, {k: tuple(t.shape) for k, t in tensors.items()}, {}, tensors)
-    from safetensors import SafetensorError, safe_open
-
     try:
-        with safe_open(path, framework="pt") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            return _Checkpoint(path, shapes, dict(f.metadata() or {}))
-    except (SafetensorError, OSError) as e:
-        raise BaseFileError(f"{path}: not a readable .safetensors file ({e})") from None
+        header = read_header(path)
+    except HeaderError as e:
+        raise BaseFileError(str(e)) from None
+    return _Checkpoint(path, header.shapes, header.metadata)
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a pickled checkpoint (under its `state_dict` key if it has one)."""
+    """The tensors of a pickled checkpoint (under its `state_dict` key if it has one), through torch's
+    restricted unpickler only: it builds tensors and plain containers and refuses everything else,
+    so even an opted-in pickle cannot run code."""
     import pickle
 
-    try:  # the restricted unpickler first: plain tensor files need nothing more
+    try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # the user opted in; Lightning checkpoints also pickle callbacks
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+        raise PickleRefused(
+            f"{path}: this pickle needs full unpickling, which would run code from the file "
+            f"(torch's safe loader refused it: {str(e).splitlines()[0][:200]}). lorabake loads pickles with "
+            "torch.load(weights_only=True) only, even with allow_pickle. If you trust the file, convert it "
+            "once to .safetensors in a Python you control, e.g. `sd = torch.load(path, weights_only=False)"
+            "['state_dict']; safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items() if "
+            "isinstance(v, torch.Tensor)}, 'model.safetensors')`, and point bases.<name>.path at it.") from None
     while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)} if isinstance(loaded, dict) else {}
@@ -182,15 +179,13 @@ def _detect_checkpoint(ckpt: _Checkpoint, prediction: str | None) -> Detected:
 
 
 def _arch_of(ckpt: _Checkpoint) -> tuple[str, str]:
-    for arch, prefixes in ARCH_MARKERS.items():
-        if all(any(key.startswith(prefix) for key in ckpt.shapes) for prefix in prefixes):
-            return arch, "keys " + " and ".join(f"{p}…" for p in prefixes)
-    looked_for = "; ".join(f"{arch}: " + " and ".join(f"{p}…" for p in prefixes)
-                           for arch, prefixes in ARCH_MARKERS.items())
+    arch = architecture_of(ckpt.shapes)
+    if arch is not None:
+        return arch, "keys " + " and ".join(f"{p}…" for p in ARCH_MARKERS[arch])
     sample = ", ".join(sorted(ckpt.shapes)[:3]) or "none"
     raise BaseFileError(
         f"{ckpt.path}: not a Stable Diffusion 1/2/XL checkpoint in the original single-file layout. "
-        f"Looked for keys starting with {looked_for}; the file's first keys are: {sample}. "
+        f"Looked for keys starting with {describe_markers()}; the file's first keys are: {sample}. "
         "A diffusers folder can be given as `path:` instead.")
 
 
@@ -315,22 +310,16 @@ def _fitting_config(ckpt: _Checkpoint, arch: str) -> str:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BaseFileError(f"{path}: missing; a diffusers folder has model_index.json and a config.json "
-                            "per component (as save_pretrained writes them)") from None
-    except json.JSONDecodeError as e:
-        raise BaseFileError(f"{path}: not valid JSON ({e})") from None
+        return checkpoint_header.read_json(path)
+    except HeaderError as e:
+        raise BaseFileError(str(e)) from None
 
 
 def _folder_arch(folder: Path) -> str:
-    """SDXL pipelines list a second text encoder; SD2 differs from SD1 by its OpenCLIP encoder,
-    which uses gelu where OpenAI's CLIP-L uses quick_gelu (the models' own config.json files)."""
-    index = _read_json(folder / "model_index.json")
-    if index.get("text_encoder_2", [None])[0] is not None:
-        return "sdxl"
-    encoder = _read_json(folder / "text_encoder" / "config.json")
-    return "sd2" if encoder.get("hidden_act") == "gelu" else "sd1"
+    try:
+        return checkpoint_header.folder_architecture(folder)
+    except HeaderError as e:
+        raise BaseFileError(str(e)) from None
 
 
 def _detect_folder(folder: Path, prediction: str | None) -> Detected:

@@ -11,14 +11,19 @@ import itertools
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
+from lorabake import checkpoint_header, names
+from lorabake.checkpoint_header import PICKLE_SUFFIXES, HeaderError
 from lorabake.buckets import BucketSpec
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A config name that becomes part of a path under results/ (a key of bases or datasets, a merge's
+# name, …): refused while the config is read, before anything is written.
+Name = Annotated[str, AfterValidator(names.safe_name)]
 
 
 class ConfigError(ValueError):
@@ -32,7 +37,6 @@ class Strict(BaseModel):
 # ---------------------------------------------------------------- project-level entries
 
 BUILTIN_ARCHITECTURES = {"tiny-sd": "sd1", "tiny-sd2-v": "sd2", "tiny-sdxl": "sdxl"}
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 class BaseSpec(Strict):
@@ -43,7 +47,9 @@ class BaseSpec(Strict):
         None, description="an embedded tiny model (SD1, SD2 v-prediction or SDXL topology)")
     path: str | None = Field(None, description="a diffusers folder or a single .safetensors checkpoint "
                                                "(absolute, or relative to the project root)")
-    allow_pickle: bool = Field(False, description="accept a pickled .ckpt/.pt/.bin (pickles can run code when loaded)")
+    allow_pickle: bool = Field(False, description="accept a pickled .ckpt/.pt/.bin, read with torch's restricted "
+                                               "loader only: tensors and plain containers; a pickle that needs "
+                                               "more (code) is refused")
     prediction: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="override the detected prediction type (SD2 768-v checkpoints are v_prediction)")
 
@@ -432,7 +438,7 @@ class MergeLora(Strict):
 
 
 class Merge(Strict):
-    name: str
+    name: Name
     base: str = "tiny"
     loras: list[MergeLora] = Field(min_length=1)
     precision: Literal["fp16", "bf16", "fp32"] = "fp32"
@@ -440,7 +446,7 @@ class Merge(Strict):
 
 
 class Extract(Strict):
-    name: str
+    name: Name
     tuned: str = Field(description="the tuned model: the name of a merge, or a key of bases (e.g. a fine-tuned "
                                    "single-file checkpoint)")
     base: str = "tiny"
@@ -456,7 +462,7 @@ class Extract(Strict):
 class Resize(Strict):
     """A run's LoRA re-factored to a lower rank by SVD (kohya's resize_lora.py)."""
 
-    name: str
+    name: Name
     run: str = Field(description="the run whose final LoRA is resized")
     rank: int = Field(ge=1, description="new rank (with `dynamic`: the most any module gets)")
     conv_rank: int | None = Field(None, ge=1, description="new rank of 3×3 convolutions (default: rank)")
@@ -481,7 +487,7 @@ class SvdMerge(Strict):
     """Several runs' LoRAs merged into one LoRA: Σ ratio × ΔW per module, re-factored by SVD (kohya's
     svd_merge_lora.py)."""
 
-    name: str
+    name: Name
     loras: list[SvdMergeLora] = Field(min_length=1)
     rank: int = Field(ge=1)
     conv_rank: int | None = Field(None, ge=1)
@@ -490,8 +496,8 @@ class SvdMerge(Strict):
 
 
 class ProjectFile(Strict):
-    bases: dict[str, BaseSpec]
-    datasets: dict[str, DatasetSpec]
+    bases: dict[Name, BaseSpec]
+    datasets: dict[Name, DatasetSpec]
     defaults: dict[str, Any] = Field(default_factory=dict)
     samples: Samples | None = None
     merges: list[Merge] = Field(default_factory=list)
@@ -571,9 +577,13 @@ def format_errors(error: ValidationError, sources: list[Source]) -> str:
     lines = []
     for problem in error.errors():
         loc = tuple(problem["loc"])
+        is_key = loc[-1:] == ("[key]",)  # a mapping's key was refused, not its value
+        if is_key:
+            loc = loc[:-2]
         path, _, prefix = next((s for s in sources if _has_key(s[1], loc)), sources[0])
         key = ".".join(str(part) for part in loc) or "(top level)"
-        lines.append(f"{path}: {prefix}{key}: {problem['msg']}")
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {prefix}{key}: {'key ' if is_key else ''}{message}")
     return "\n".join(lines)
 
 
@@ -597,10 +607,13 @@ def load_project(config_file: str | Path, runs_dir: str | Path | None = None) ->
     runs, run_files = {}, {}
     for run_file in sorted(runs_dir.glob("*.yaml")):
         name = run_file.stem
-        if not NAME_PATTERN.match(name):
-            raise ConfigError(f"{run_file}: run names may use letters, digits, '_', '-', '.' only")
+        if names.name_problem(name):
+            raise ConfigError(f"{run_file}: the run name (the file's name) {names.name_problem(name)}")
         run_raw = read_yaml(run_file)
         for point_name, point in expand_sweep(name, run_raw, run_file):
+            if names.name_problem(point_name):
+                raise ConfigError(f"{run_file}: sweep: the run name of a point {names.name_problem(point_name)}; "
+                                  "use shorter or plainer values, or split the sweep")
             if point_name in runs:
                 raise ConfigError(f"{run_file}: sweep: run name '{point_name}' is also the name of another run")
             merged = deep_merge(deep_merge(project_file.defaults, run_raw), point)
@@ -659,22 +672,19 @@ def check_references(project: Project) -> None:
         where = project.run_files[name]
         if run.base not in f.bases:
             problems.append(f"{where}: base: '{run.base}' is not a key of bases in {project.config_file.name} ({sorted(f.bases)})")
-        init = run.network.init_weights
-        if init is not None and not (project.root / init).is_file():
-            problems.append(f"{where}: network.init_weights: file {project.root / init} does not exist "
-                            "(paths are relative to the project root)")
+        problems += _check_init_weights(project, name)
         for ds in run.datasets:
             if ds not in f.datasets:
                 problems.append(f"{where}: datasets: '{ds}' is not a key of datasets in {project.config_file.name} ({sorted(f.datasets)})")
+    architectures = {}
     for name in sorted(f.bases):
-        problems += _check_base(project, name)
-    architectures = {name: _architecture(project, name) for name in f.bases} if not problems else {}
+        base_problems, architectures[name] = _check_base(project, name)
+        problems += base_problems
     for name, run in project.runs.items():
         problems += [f"{project.run_files[name]}: {p} (base {run.base} is {architectures[run.base]})"
                      for p in run.unsupported_on(architectures.get(run.base, ""))]
     merge_names = [m.name for m in f.merges]
     for i, merge in enumerate(f.merges):
-        problems += _check_name(project, f"merges.{i}.name", merge.name)
         if merge.base not in f.bases:
             problems.append(f"{project.config_file}: merges.{i}.base: '{merge.base}' is not a key of bases")
         for j, lora in enumerate(merge.loras):
@@ -684,7 +694,6 @@ def check_references(project: Project) -> None:
             if lora.run not in project.runs:
                 problems.append(f"{project.config_file}: merges.{i}.loras.{j}.run: no run named '{lora.run}' in {project.config_file.parent / 'runs'}")
     for i, extract in enumerate(f.extracts):
-        problems += _check_name(project, f"extracts.{i}.name", extract.name)
         if extract.tuned not in merge_names and extract.tuned not in f.bases:
             problems.append(f"{project.config_file}: extracts.{i}.tuned: '{extract.tuned}' is neither a merge "
                             f"({merge_names}) nor a key of bases ({sorted(f.bases)})")
@@ -692,7 +701,6 @@ def check_references(project: Project) -> None:
             problems.append(f"{project.config_file}: extracts.{i}.base: '{extract.base}' is not a key of bases")
     for kind, entries in (("resizes", f.resizes), ("svd_merges", f.svd_merges)):
         for i, entry in enumerate(entries):
-            problems += _check_name(project, f"{kind}.{i}.name", entry.name)
             runs = [entry.run] if kind == "resizes" else [lora.run for lora in entry.loras]
             problems += [f"{project.config_file}: {kind}.{i}: no run named '{run}' in {project.config_file.parent / 'runs'}"
                          for run in runs if run not in project.runs]
@@ -705,40 +713,75 @@ def check_references(project: Project) -> None:
         raise ConfigError("\n".join(problems))
 
 
-def _check_base(project: Project, name: str) -> list[str]:
-    """A path base must exist, and a pickle needs the opt-in, before any job runs."""
+def _check_base(project: Project, name: str) -> tuple[list[str], str]:
+    """(problems, architecture) of a base: a path base must exist, a pickle needs the opt-in, and a
+    safetensors file must have a sound header of a Stable Diffusion checkpoint — all before any job."""
     path, spec = project.base_path(name), project.file.bases[name]
     where = f"{project.config_file}: bases.{name}.path"
-    if path is None:
-        return []
-    if not path.exists():
+    if path is not None and not path.exists():
         return [f"{where}: {path} does not exist (a diffusers folder or a .safetensors file; relative paths "
-                "start at the project root)"]
-    if path.suffix.lower() in PICKLE_SUFFIXES and not spec.allow_pickle:
+                "start at the project root)"], ""
+    if path is not None and path.suffix.lower() in PICKLE_SUFFIXES and not spec.allow_pickle:
         return [f"{where}: {path} is a pickled checkpoint, and loading a pickle can run arbitrary code. "
                 f"Convert it to .safetensors, or, if you trust its source, set `allow_pickle: true` under "
-                f"bases.{name} in {project.config_file.name}"]
-    return []
+                f"bases.{name} in {project.config_file.name} (pickles are then read with torch's "
+                "restricted loader, which refuses files that need more than tensors)"], ""
+    try:
+        return [], _architecture(project, name)
+    except HeaderError as e:
+        return [f"{where}: {e}"], ""
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a diffusers folder's components (one level down)."""
+    return sorted(p for p in folder.glob("*/*.safetensors") if p.is_file())
 
 
 def _architecture(project: Project, name: str) -> str:
-    """sd1 | sd2 | sdxl, from the builtin's name or the checkpoint's header ("" when only the
-    base_model job can tell: a pickle, or a file the importer will explain)."""
+    """sd1 | sd2 | sdxl, from the builtin's name, a folder's configs or a checkpoint's header; ""
+    for a pickle (only the base_model job can read it). HeaderError when the file is unusable."""
     spec = project.file.bases[name]
     if spec.builtin is not None:
         return BUILTIN_ARCHITECTURES[spec.builtin]
     path = project.base_path(name)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return ""
-    from lorabake import base_files  # reads the header only; imported only for path bases
+    if path.is_dir():
+        for weights in _weight_files(path):
+            checkpoint_header.read_header(weights)
+        return checkpoint_header.folder_architecture(path)
+    arch = checkpoint_header.architecture_of(checkpoint_header.read_header(path).shapes)
+    if arch is None:
+        raise HeaderError(f"{path}: not a Stable Diffusion 1/2/XL checkpoint in the original single-file "
+                          f"layout (looked for keys starting with {checkpoint_header.describe_markers()}); "
+                          "a diffusers folder can be given as `path:` instead")
+    return arch
 
-    try:
-        return base_files.detect(path, prediction=spec.prediction).arch
-    except base_files.BaseFileError:
-        return ""
 
-
-def _check_name(project: Project, key: str, name: str) -> list[str]:
-    if NAME_PATTERN.match(name):
+def _check_init_weights(project: Project, run: str) -> list[str]:
+    """network.init_weights must be a kohya-keyed safetensors network file whose ranks fit the run."""
+    network, where = project.runs[run].network, f"{project.run_files[run]}: network.init_weights"
+    if network.init_weights is None:
         return []
-    return [f"{project.config_file}: {key}: '{name}' may use letters, digits, '_', '-', '.' only (it becomes a file name)"]
+    path = project.root / network.init_weights
+    if not path.is_file():
+        return [f"{where}: file {path} does not exist (paths are relative to the project root)"]
+    if path.suffix.lower() != ".safetensors":
+        return [f"{where}: {path} is not a .safetensors file; a LoRA to continue from is read with safetensors "
+                "only (convert a pickled one first)"]
+    try:
+        shapes = checkpoint_header.read_header(path).shapes
+    except HeaderError as e:
+        return [f"{where}: {e}"]
+    foreign = sorted(k for k in shapes if not k.startswith(checkpoint_header.NETWORK_PREFIXES))
+    if not shapes or foreign:
+        return [f"{where}: {path} is not a LoRA/LyCORIS file in kohya's key layout (keys "
+                f"{', '.join(checkpoint_header.NETWORK_PREFIXES)}…); e.g. {foreign[:3] or 'no keys at all'}"]
+    if network.algo in ("lora", "locon") and network.block_dims is None:
+        allowed = {network.dim, network.conv_dim or network.dim}
+        ranks = sorted({shape[0] for key, shape in shapes.items() if key.endswith(".lora_down.weight")})
+        if not ranks or not set(ranks) <= allowed:
+            return [f"{where}: {path} has ranks {ranks or 'none (no lora_down weights)'}, but this run trains "
+                    f"algo {network.algo} with dim {network.dim}" + (f", conv_dim {network.conv_dim}" if network.conv_dim else "")
+                    + ": set network.dim (and conv_dim) to the file's, or start without init_weights"]
+    return []

@@ -148,16 +148,16 @@ class _Problems:
 
 
 def scan_dataset(root: Path, name: str, caption_extension: str = ".txt",
-                 cache_dir: Path | None = None) -> Dataset:
+                 cache_file: Path | None = None) -> Dataset:
     """Read and validate a whole dataset folder; raise one DatasetError listing every problem.
 
-    With `cache_dir`, what each file gave is remembered in `<cache_dir>/<name>.json` and reused
+    With `cache_file` (paths.scan_cache), what each file gave is remembered there and reused
     while the file's size and mtime stay the same (lorabake.scan_cache)."""
     root = Path(root)
     _require_root(root)
     root = root.resolve()
     caption_extension = caption_extension if caption_extension.startswith(".") else f".{caption_extension}"
-    cache = ScanCache.open(root, Path(cache_dir) / f"{name}.json" if cache_dir is not None else None)
+    cache = ScanCache.open(root, Path(cache_file) if cache_file is not None else None)
     problems = _Problems()
     _check_loose_files(root, problems)
     items = []

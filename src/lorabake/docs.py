@@ -36,6 +36,8 @@ each run folder's `config.json` records its resolved config.
 
 def type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # a checked name: the docs say `name`, its rule is in the README
+        return "name"
     if origin is typing.Literal:
         return " \\| ".join(f"`{v}`" for v in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lorabake import sd_layout
+from lorabake import checkpoint_header, sd_layout
 from lorabake.blocks import block_of, block_values
 from lorabake.config import ALGOS, BLOCKS, Network
 
@@ -460,8 +460,10 @@ def load_initial_weights(network, path: Path, unet, text_encoder) -> None:
     and shapes — same algo, dims and targets — or it is refused, naming the file."""
     from lycoris.modules.dylora import DyLoraModule
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: network.init_weights file not found")
+    try:
+        checkpoint_header.read_header(path)  # names the file, where safetensors' own error does not
+    except checkpoint_header.HeaderError as e:
+        raise UnmatchedKeys(f"network.init_weights: {e}") from None
     saved = load_file(str(path))
     problems = _layout_problems(saved, kohya_state(network, unet, text_encoder))
     if problems:

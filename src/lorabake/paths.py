@@ -1,13 +1,18 @@
-"""Artifact paths: the contract of DESIGN's table, in one place for the Snakefile and the CLI."""
+"""Artifact paths: the contract of DESIGN's table, in one place for the Snakefile and the CLI.
+
+Every name that goes into a path passes `names.safe_name` here, whatever checked it before: a path
+under results/ cannot be steered outside it by a config key.
+"""
 from __future__ import annotations
 
 from lorabake.buckets import BucketSpec
+from lorabake.names import safe_name
 
 RESULTS = "results"
 
 
 def base_dir(base: str) -> str:
-    return f"{RESULTS}/base/{base}"
+    return f"{RESULTS}/base/{safe_name(base)}"
 
 
 def base_id_cache() -> str:
@@ -19,8 +24,13 @@ def base_json(base: str) -> str:
     return f"{base_dir(base)}/base.json"
 
 
+def scan_cache(dataset: str) -> str:
+    """What the parse-time dataset scan remembers per file (lorabake.scan_cache)."""
+    return f"{RESULTS}/cache/scan/{safe_name(dataset)}.json"
+
+
 def dataset_report(dataset: str) -> str:
-    return f"{RESULTS}/datasets/{dataset}/report.json"
+    return f"{RESULTS}/datasets/{safe_name(dataset)}/report.json"
 
 
 def geometry(spec: BucketSpec) -> str:
@@ -38,15 +48,15 @@ def latent_spec(base: str, spec: BucketSpec, flip: bool) -> str:
 
 
 def latent_index(dataset: str, spec: str) -> str:
-    return f"{RESULTS}/latents/{dataset}/{spec}/index.json"
+    return f"{RESULTS}/latents/{safe_name(dataset)}/{safe_name(spec)}/index.json"
 
 
 def latent_store(vae_id: str, spec: BucketSpec) -> str:
-    return f"{RESULTS}/cache/latents/{vae_id}/{geometry(spec)}"
+    return f"{RESULTS}/cache/latents/{safe_name(vae_id)}/{geometry(spec)}"
 
 
 def run_dir(run: str) -> str:
-    return f"{RESULTS}/runs/{run}"
+    return f"{RESULTS}/runs/{safe_name(run)}"
 
 
 def run_lora(run: str) -> str:
@@ -68,7 +78,7 @@ def state_root(run: str) -> str:
 
 def embeddings(run: str, token: str) -> str:
     """Pivotal-tuning embeddings, named as webui expects: the file name is the word used in prompts."""
-    return f"{run_dir(run)}/embeddings/{token}.safetensors"
+    return f"{run_dir(run)}/embeddings/{safe_name(token)}.safetensors"
 
 
 def train_log(run: str) -> str:
@@ -88,24 +98,24 @@ def sample_grid(run: str) -> str:
 
 
 def merged(name: str) -> str:
-    return f"{RESULTS}/merged/{name}.safetensors"
+    return f"{RESULTS}/merged/{safe_name(name)}.safetensors"
 
 
 def extracted(name: str) -> str:
-    return f"{RESULTS}/extracted/{name}.safetensors"
+    return f"{RESULTS}/extracted/{safe_name(name)}.safetensors"
 
 
 def merged_diffusers(name: str) -> str:
-    return f"{RESULTS}/merged/{name}.diffusers"
+    return f"{RESULTS}/merged/{safe_name(name)}.diffusers"
 
 
 def resized(name: str) -> str:
-    return f"{RESULTS}/resized/{name}.safetensors"
+    return f"{RESULTS}/resized/{safe_name(name)}.safetensors"
 
 
 def resize_report(name: str) -> str:
-    return f"{RESULTS}/resized/{name}.json"
+    return f"{RESULTS}/resized/{safe_name(name)}.json"
 
 
 def svd_merged(name: str) -> str:
-    return f"{RESULTS}/svd-merged/{name}.safetensors"
+    return f"{RESULTS}/svd-merged/{safe_name(name)}.safetensors"

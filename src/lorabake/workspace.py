@@ -47,7 +47,7 @@ class Workspace:
         key = f"{name}{caption_extension}"
         if key not in self._datasets:
             self._datasets[key] = scan_dataset(self.project.dataset_root(name), name, caption_extension,
-                                                 cache_dir=self.project.root / "results/cache/scan")
+                                                 cache_file=self.project.root / paths.scan_cache(name))
         return self._datasets[key]
 
     def run_datasets(self, run: str) -> dict[str, Dataset]:
