@@ -1,5 +1,10 @@
 # lorabake: datasets/ + configs/ → cached latents → LoRAs → grids, merges, extractions.
-# Run `snakemake -j1 all`; `--config project=path/to/config.yaml` points at another project config.
+# Run `snakemake -j1 all`; `--config project=path/to/configs/config.yaml` builds another project
+# (outputs go under its root, the folder above configs/, wherever snakemake starts).
+from snakemake.utils import min_version
+
+min_version("9.0")
+
 
 report: "workflow/report/workflow.rst"
 

@@ -46,7 +46,21 @@ def make_project(dest: Path) -> Path:
     return dest
 
 
+_running: list = []  # the test now running (set by the autouse fixture below)
+
+
+@pytest.fixture(autouse=True)
+def _current_test(request):
+    _running[:] = [request.node]
+    yield
+    _running.clear()
+
+
 def snakemake(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run Snakemake in `project`. Only tests marked `workflow` may: `pytest -m "not workflow"` is the
+    fast suite, and a test that forgets the marker fails here instead of slowing it down."""
+    if _running and _running[0].get_closest_marker("workflow") is None:
+        raise AssertionError(f"{_running[0].nodeid} runs Snakemake: mark it with pytest.mark.workflow")
     result = subprocess.run([sys.executable, "-m", "snakemake", "-j1", *args], cwd=project,
                             capture_output=True, text=True)
     if check and result.returncode != 0:

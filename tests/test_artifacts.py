@@ -1,13 +1,17 @@
 """What only real training, merging and extraction make true, checked on the built demo project."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import snakemake
-from lorabake import merge, models, network
+from lorabake.models import bases, network
+from lorabake.tools import merge
+
+pytestmark = pytest.mark.workflow  # runs Snakemake
 
 
-def unet_output(base: models.Base) -> torch.Tensor:
+def unet_output(base: bases.Base) -> torch.Tensor:
     """The UNet's prediction on a fixed input, conditioned through the text encoder."""
     torch.manual_seed(0)
     latents = torch.randn(1, 4, 16, 16)
@@ -19,17 +23,17 @@ def unet_output(base: models.Base) -> torch.Tensor:
 
 def test_merged_model_equals_runtime_lora(built_project):
     base_dir = built_project / "results/base/tiny"
-    runtime = models.load_base(base_dir)
+    runtime = bases.load_base(base_dir)
     network.apply_weights(built_project / "results/runs/demo-lora/demo-lora.safetensors", runtime.unet, runtime.text_encoder, 1.0)
     merged = merge.load_merged(base_dir, built_project / "results/merged/demo-merged.safetensors")
-    plain = unet_output(models.load_base(base_dir))
+    plain = unet_output(bases.load_base(base_dir))
     expected, actual = unet_output(runtime), unet_output(merged)
     assert (expected - plain).abs().max() > 1e-3  # the LoRA really changes the output
     assert (actual - expected).abs().max() < 1e-4
 
 
 def test_extract_recovers_trained_deltas(built_project):
-    base = models.load_base(built_project / "results/base/tiny", parts=("unet", "text_encoder"))
+    base = bases.load_base(built_project / "results/base/tiny", parts=("unet", "text_encoder"))
     trained = network.module_deltas(built_project / "results/runs/demo-lora/demo-lora.safetensors", base.unet, base.text_encoder)
     extracted = network.module_deltas(built_project / "results/extracted/demo-extracted.safetensors", base.unet, base.text_encoder)
     assert set(extracted) == set(trained)

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from conftest import snakemake
+
+pytestmark = pytest.mark.workflow  # runs Snakemake
 
 
 def refused(project: Path) -> str:

@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorabake import base_files, models, sd_layout, store
+from lorabake import store
+from lorabake.models import base_files, bases, sd_layout
 
 UNET = "model.diffusion_model."
 TINY = {"tiny-sd": ("sd1", "epsilon"), "tiny-sd2-v": ("sd2", "v_prediction"), "tiny-sdxl": ("sdxl", "epsilon")}
@@ -30,7 +31,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     """The three tiny builtins, built as diffusers base folders."""
     root = tmp_path_factory.mktemp("tiny")
     for builtin in TINY:
-        models.build_base(builtin, root / builtin)
+        bases.build_base(builtin, root / builtin)
     return {builtin: root / builtin for builtin in TINY}
 
 
@@ -41,7 +42,7 @@ def single_files(tiny, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("single")
     files = {}
     for builtin, base_dir in tiny.items():
-        base = models.load_base(base_dir)
+        base = bases.load_base(base_dir)
         metadata = {"modelspec.prediction_type": "v"} if builtin == "tiny-sd2-v" else None
         files[builtin] = root / f"{builtin}.safetensors"
         save_file(sd_layout.to_single_file(base.arch, base.unet, base.vae, base.text_encoders), files[builtin],
@@ -117,8 +118,8 @@ def test_tiny_single_files_are_detected(single_files):
 @pytest.mark.parametrize("builtin", TINY)
 def test_imported_single_file_computes_what_the_original_does(builtin, tiny, imported):
     info, base_dir = imported[builtin]
-    original, copy = models.load_base(tiny[builtin]), models.load_base(base_dir)
-    assert models.base_info(base_dir) == info
+    original, copy = bases.load_base(tiny[builtin]), bases.load_base(base_dir)
+    assert bases.base_info(base_dir) == info
     assert (info["architecture"], info["prediction"]) == TINY[builtin]
     assert info["source"]["kind"] == "single_file" and copy.noise_scheduler.config.prediction_type == TINY[builtin][1]
 
@@ -149,7 +150,7 @@ def test_reimport_replaces_the_base_in_one_step_and_an_override_changes_the_id(s
     assert again == info
     overridden = base_files.import_single_file(single_files["tiny-sd"], base_dir, prediction="v_prediction")
     assert overridden["prediction"] == "v_prediction" and overridden["id"] != info["id"]
-    assert models.load_base(base_dir).noise_scheduler.config.prediction_type == "v_prediction"
+    assert bases.load_base(base_dir).noise_scheduler.config.prediction_type == "v_prediction"
     # no temp folders left beside the bases; the id cache sits there
     assert sorted(p.name for p in base_dir.parent.iterdir()) == [".content-ids.json", *sorted(TINY)]
     assert base_files.import_single_file(single_files["tiny-sd"], base_dir) == info  # and back
@@ -271,7 +272,7 @@ def test_tiny_config_sets_follow_models_py(tiny):
     torch.manual_seed(123)
     configs = base_files.config_files("tiny-sdxl")
     assert torch.equal(torch.rand(3), expected)
-    assert configs["unet/config.json"]["cross_attention_dim"] == models.tiny_unet("sdxl").config.cross_attention_dim
+    assert configs["unet/config.json"]["cross_attention_dim"] == bases.tiny_unet("sdxl").config.cross_attention_dim
     assert configs["model_index.json"] == json.loads((tiny["tiny-sdxl"] / "model_index.json").read_text())
     assert base_files.config_names("sd2") == ["sd21", "tiny-sd2-v"]
 
@@ -309,12 +310,12 @@ def test_diffusers_folder_import_links_weights_and_keeps_the_source(tiny, tmp_pa
     assert (info["architecture"], info["prediction"], info["source"]["kind"]) == ("sdxl", "epsilon", "diffusers")
     for component in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         assert (out / component).is_symlink() and (out / component).resolve() == source / component
-    base = models.load_base(out)
+    base = bases.load_base(out)
     assert base.arch == "sdxl" and base.text_encoder_2 is not None
 
     overridden = base_files.import_diffusers_folder(source, out, prediction="v_prediction")  # replaces `out`
     assert overridden["id"] != info["id"] and overridden["source"]["sha256"] == info["source"]["sha256"]
-    assert models.load_base(out, parts=()).noise_scheduler.config.prediction_type == "v_prediction"
+    assert bases.load_base(out, parts=()).noise_scheduler.config.prediction_type == "v_prediction"
     assert json.loads((source / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
     assert (source / "unet" / "diffusion_pytorch_model.safetensors").is_file()  # replacing did not follow links
 

@@ -1,4 +1,4 @@
-from lorabake.buckets import BucketSpec, bucket_resolutions, place
+from lorabake.data.buckets import BucketSpec, bucket_resolutions, place
 
 
 def test_kohya_bucket_list():

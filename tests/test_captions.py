@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lorabake import models
+from lorabake.models import bases
 from lorabake.config import Captions
 from lorabake.train.captions import encode_captions, parse_weighted, process_caption, window_ids
 
@@ -122,8 +122,8 @@ def test_parse_weighted_reads_a1111_emphasis(text, expected):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     base_dir = tmp_path_factory.mktemp("base") / "tiny-sd"
-    models.build_base("tiny-sd", base_dir)
-    return models.load_base(base_dir, parts=("text_encoder",))
+    bases.build_base("tiny-sd", base_dir)
+    return bases.load_base(base_dir, parts=("text_encoder",))
 
 
 def plain_states(base, captions: list[str], **tokenizer_args) -> torch.Tensor:

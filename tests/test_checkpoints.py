@@ -23,7 +23,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
-from lorabake import cli, models, network, paths, sd_layout
+from lorabake import cli, paths
+from lorabake.models import bases, network, sd_layout
 from lorabake.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,8 +119,8 @@ class Project:
 def write_single_file(builtin: str, folder: Path, out: Path) -> None:
     """A builtin tiny model as the one file a user downloads; SD2-v declares its prediction in
     Stability's ModelSpec key, as kohya and SAI's own files do (nothing in its weights tells)."""
-    models.build_base(builtin, folder)
-    base = models.load_base(folder)
+    bases.build_base(builtin, folder)
+    base = bases.load_base(folder)
     metadata = {"modelspec.prediction_type": "v"} if builtin == "tiny-sd2-v" else None
     save_file(sd_layout.to_single_file(base.arch, base.unet, base.vae, base.text_encoders), out, metadata=metadata)
 
@@ -353,7 +354,7 @@ def largest_difference(left: list[torch.Tensor], right: list[torch.Tensor]) -> f
 
 def runtime_outputs(project: Project, base: str, loras: list[tuple[str, float]]) -> list[torch.Tensor]:
     """The base with each LoRA applied at run time (the weights untouched), as A1111/ComfyUI do."""
-    model = models.load_base(project.base_dir(base))
+    model = bases.load_base(project.base_dir(base))
     for run, ratio in loras:
         network.apply_weights(project.lora(run), model.unet, model.te, ratio)
     return outputs(model.unet, model.text_encoders)
@@ -385,7 +386,7 @@ def test_merged_checkpoint_computes_what_the_applied_loras_do(project, name):
 
 def test_mid_only_block_weights_merge_only_the_middle_block(project):
     pipe = load_merged(project, "sd1-mid", "sd1")
-    base = models.load_base(project.base_dir("sd1"))
+    base = bases.load_base(project.base_dir("sd1"))
     merged, original = pipe.unet.state_dict(), base.unet.state_dict()
     moved = {name for name, weight in merged.items() if not torch.equal(weight, original[name])}
     assert moved and all(name.startswith("mid_block.") for name in moved), sorted(moved)[:5]
@@ -408,7 +409,7 @@ def test_mid_only_block_weights_merge_only_the_middle_block(project):
 def test_extract_from_a_single_file_tuned_base_gives_back_the_lora(project, tuned_base, extracted):
     info = json.loads((tuned_base / "base.json").read_text())
     assert (info["architecture"], info["source"]["kind"]) == ("sd1", "single_file")
-    base = models.load_base(project.base_dir("sd1"))
+    base = bases.load_base(project.base_dir("sd1"))
     merged_deltas = network.module_deltas(project.lora("sd1-lora"), base.unet, base.text_encoder, 0.8)
     expected = {key: delta for key, delta in merged_deltas.items() if delta.any()}
     got = network.module_deltas(extracted, base.unet, base.text_encoder)
@@ -418,7 +419,7 @@ def test_extract_from_a_single_file_tuned_base_gives_back_the_lora(project, tune
 
 
 def test_min_diff_above_every_text_encoder_change_extracts_the_unet_only(project, tuned_base, extracted):
-    base = models.load_base(project.base_dir("sd1"))
+    base = bases.load_base(project.base_dir("sd1"))
     deltas = network.module_deltas(project.lora("sd1-lora"), base.unet, base.text_encoder, 0.8)
     text_change = max(d.abs().max().item() for key, d in deltas.items() if key.startswith("lora_te_"))
     assert text_change > 0

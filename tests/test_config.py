@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from lorabake.config import ConfigError, RunConfig, load_project
+from lorabake.config import ConfigError, RunConfig
+from lorabake.project import load_project
+from lorabake.workspace import Workspace
 
 CONFIG = """
 bases: {tiny: {builtin: tiny-sd}}
@@ -57,7 +59,7 @@ def test_wrong_type_and_cross_field(tmp_path):
     with pytest.raises(ConfigError, match="block_dims needs 25 values"):
         load_project(project(tmp_path, "network: {block_dims: [4, 4]}\n"))
     with pytest.raises(ConfigError, match="network.init_weights: file .* does not exist"):
-        load_project(project(tmp_path, "network: {init_weights: nope.safetensors}\n"))
+        Workspace.load(project(tmp_path, "network: {init_weights: nope.safetensors}\n"))
 
 
 def test_references_are_checked(tmp_path):
@@ -114,8 +116,8 @@ XL = CONFIG.replace("{tiny: {builtin: tiny-sd}}", "{tiny: {builtin: tiny-sdxl}}"
 ])
 def test_sdxl_refuses_options_it_cannot_honour(tmp_path, run, message):
     with pytest.raises(ConfigError, match=message):
-        load_project(project(tmp_path, run, XL))
-    load_project(project(tmp_path, run, CONFIG))  # the same run on an SD1 base is fine
+        Workspace.load(project(tmp_path, run, XL))
+    Workspace.load(project(tmp_path, run, CONFIG))  # the same run on an SD1 base is fine
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])
@@ -123,7 +125,7 @@ def test_pickled_base_is_refused_with_the_way_to_opt_in(tmp_path, suffix):
     (tmp_path / f"model{suffix}").write_bytes(b"not even read")
     config = CONFIG.replace("{tiny: {builtin: tiny-sd}}", f"{{tiny: {{path: model{suffix}}}}}")
     with pytest.raises(ConfigError) as error:
-        load_project(project(tmp_path, "", config))
+        Workspace.load(project(tmp_path, "", config))
     message = str(error.value)
     assert f"bases.tiny.path: {tmp_path / f'model{suffix}'} is a pickled checkpoint" in message
     assert "set `allow_pickle: true` under bases.tiny" in message
@@ -133,4 +135,4 @@ def test_base_needs_exactly_one_source(tmp_path):
     with pytest.raises(ConfigError, match="exactly one of builtin"):
         load_project(project(tmp_path, "", CONFIG.replace("{builtin: tiny-sd}", "{builtin: tiny-sd, path: x}")))
     with pytest.raises(ConfigError, match="does not exist"):
-        load_project(project(tmp_path, "", CONFIG.replace("{builtin: tiny-sd}", "{path: missing.safetensors}")))
+        Workspace.load(project(tmp_path, "", CONFIG.replace("{builtin: tiny-sd}", "{path: missing.safetensors}")))

@@ -5,15 +5,16 @@ import importlib.util
 import os
 import random
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from lorabake.buckets import BucketSpec, place
-from lorabake.dataset import (
+from lorabake.data.buckets import BucketSpec, place
+from lorabake.data.dataset import (
     DatasetError, caption_digest, epoch_items, image_files, normalize_caption, scan_dataset,
-    split_tags, steps_per_epoch,
+    bucket_steps, split_tags,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,9 +209,10 @@ def test_steps_per_epoch_batches_within_buckets(tmp_path: Path) -> None:
     assert sorted(set(placements.values())) == [(64, 64), (96, 32)]
     entries = epoch_items(dataset)
     # by hand: ceil(5/bs) + ceil(7/bs); batching across buckets would give ceil(12/bs) instead
-    assert [steps_per_epoch(placements, entries, bs) for bs in (1, 2, 3)] == [12, 3 + 4, 2 + 3]
+    per_bucket = Counter(placements[item.rel] for item in entries)
+    assert [bucket_steps(per_bucket, bs) for bs in (1, 2, 3)] == [12, 3 + 4, 2 + 3]
     with pytest.raises(ValueError):
-        steps_per_epoch(placements, entries, 0)
+        bucket_steps(per_bucket, 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorabake import grid
-from lorabake.grid import GridBlock, layout, render_grid, save_png
+from lorabake.render import grid
+from lorabake.render.grid import GridBlock, layout, render_grid, save_png
 
 WHITE = (255, 255, 255)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorabake import lora_format, models, network
+from lorabake.models import bases, lora_format, network
 from lorabake.config import Network
 
 
@@ -41,7 +41,7 @@ def base_dir(tmp_path_factory) -> Callable[[str], Path]:
 
     @functools.cache
     def build(builtin: str) -> Path:
-        models.build_base(builtin, root / builtin)
+        bases.build_base(builtin, root / builtin)
         return root / builtin
 
     return build
@@ -53,7 +53,7 @@ def plain_outputs(base_dir) -> Callable[[str], dict[str, torch.Tensor]]:
 
     @functools.cache
     def compute(builtin: str) -> dict[str, torch.Tensor]:
-        plain = models.load_base(base_dir(builtin), ("unet", "text_encoder"))
+        plain = bases.load_base(base_dir(builtin), ("unet", "text_encoder"))
         return outputs(plain.unet, plain.text_encoders)
 
     return compute
@@ -69,12 +69,12 @@ def pretend_trained(net, seed: int = 2) -> None:
 
 def write_lora(base: Path, cfg: Network, path: Path) -> Path:
     """A LoRA file as a lorabake run writes it: kohya key names, fp32, kohya's metadata."""
-    loaded = models.load_base(base, ("unet", "text_encoder"))
+    loaded = bases.load_base(base, ("unet", "text_encoder"))
     net = network.create_network(loaded.unet, loaded.te, cfg, seed=1)
     pretend_trained(net)
     metadata = lora_format.lora_metadata(
         run_name="interop", algo=cfg.algo, dim=cfg.dim, alpha=cfg.alpha, network_args=network.kohya_network_args(cfg),
-        base=models.base_info(base), resolution=(128, 128), epoch=1, steps=1, facts={})
+        base=bases.base_info(base), resolution=(128, 128), epoch=1, steps=1, facts={})
     lora_format.save_lora(network.kohya_state(net, loaded.unet, loaded.te), path, "fp32", metadata)
     return path
 
@@ -119,7 +119,7 @@ def differences(got: dict, want: dict) -> dict[str, float]:
 
 def runtime_outputs(base: Path, path: Path) -> dict[str, torch.Tensor]:
     """What lorabake's own runtime application of the file computes (strength 1)."""
-    reference = models.load_base(base, ("unet", "text_encoder"))
+    reference = bases.load_base(base, ("unet", "text_encoder"))
     network.apply_weights(path, reference.unet, reference.te, 1.0)
     return outputs(reference.unet, reference.text_encoders)
 
@@ -236,7 +236,7 @@ def test_lycoris_kohya_loader_applies_our_unet_modules_and_skips_flattened_text_
     from lycoris.kohya import create_network_from_weights
 
     base, path, want = lycoris_file
-    client = models.load_base(base, ("unet", "text_encoder"))
+    client = bases.load_base(base, ("unet", "text_encoder"))
     net, _ = create_network_from_weights(1.0, str(path), None, client.text_encoder, client.unet)
     net.apply_to(client.text_encoder, client.unet, apply_text_encoder=True, apply_unet=True)
 
@@ -276,7 +276,7 @@ def test_lycoris_generic_loader_finds_every_module_by_kohya_names(lycoris_file):
     from lycoris import create_lycoris_from_weights
 
     base, path, want = lycoris_file
-    client = models.load_base(base, ("unet", "text_encoder"))
+    client = bases.load_base(base, ("unet", "text_encoder"))
     for prefix, module in (("lora_unet", client.unet), ("lora_te", Transformers4Layout(client.text_encoder))):
         with lycoris_prefix(prefix):
             net, _ = create_lycoris_from_weights(1.0, str(path), module)

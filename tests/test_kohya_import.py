@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 from lorabake import cli
-from lorabake.config import RunConfig, load_project
-from lorabake.kohya_import import (LORABAKE_KEYS, NOTHING_LOST, KohyaImportError, import_kohya, lorabake_key_for,
-                                   write_import)
+from lorabake.config import RunConfig
+from lorabake.project import load_project
+from lorabake.kohya import (LORABAKE_KEYS, NOTHING_LOST, KohyaImportError, import_kohya, lorabake_key_for,
+                            write_import)
 
 DATA = Path(__file__).parent / "data" / "kohya"
 MIGRATION_DOC = Path(__file__).resolve().parents[1] / "docs" / "migration.md"

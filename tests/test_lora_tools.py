@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabake import lora_tools, models
-from lorabake import network as lorabake_network
+from lorabake.models import bases
+from lorabake.tools import lora_tools
+from lorabake.models import network as lorabake_network
 
 # (module name, ΔW shape): Linear layers, a 3×3 conv (LoCon) and a 1×1 conv
 SHAPES = {"lora_unet_attn_to_q": (24, 16), "lora_te_mlp_fc1": (40, 12),
@@ -223,7 +224,7 @@ def test_resize_options_are_checked(options, message):
 # ---------------------------------------------------------------- files and a real lycoris LoRA
 
 def test_resized_metadata_and_load_lora(tmp_path):
-    from lorabake import lora_format
+    from lorabake.models import lora_format
 
     state = random_lora(rank=8, alpha=4.0, seed=17)
     resized, report = lora_tools.resize_lora(state, 4, conv_rank=2)
@@ -245,7 +246,7 @@ def test_a_real_lycoris_locon_on_the_tiny_unet():
     from lycoris.kohya import create_network
 
     torch.manual_seed(18)
-    text_encoder, unet = models.tiny_text_encoder(), models.tiny_unet()
+    text_encoder, unet = bases.tiny_text_encoder(), bases.tiny_unet()
     network = create_network(1.0, 4, 2.0, None, text_encoder, unet, algo="lora",
                              preset=str(lorabake_network.CONV_PRESET), conv_dim=4, conv_alpha=1.0,
                              warn_on_unmatched=False)

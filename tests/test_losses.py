@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorabake import models, network
+from lorabake.models import bases, network
 from lorabake.config import Loss
 from lorabake.train import losses
 
@@ -20,12 +20,12 @@ from lorabake.train import losses
 def scheduler():
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**models.SD1_NOISE_SCHEDULE)
+    return DDPMScheduler(**bases.SD1_NOISE_SCHEDULE)
 
 
 def sd1_snr(t: int) -> float:
     """SNR of SD1's scaled-linear schedule, computed from its betas in float64."""
-    cfg = models.SD1_NOISE_SCHEDULE
+    cfg = bases.SD1_NOISE_SCHEDULE
     betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, cfg["num_train_timesteps"],
                            dtype=torch.float64) ** 2
     alpha_bar = torch.cumprod(1 - betas, 0)[t].item()
@@ -37,11 +37,11 @@ def sd1_snr(t: int) -> float:
 def test_prediction_type_auto_reads_the_scheduler(scheduler):
     from diffusers import DDPMScheduler
 
-    v_scheduler = DDPMScheduler(**{**models.SD1_NOISE_SCHEDULE, "prediction_type": "v_prediction"})
+    v_scheduler = DDPMScheduler(**{**bases.SD1_NOISE_SCHEDULE, "prediction_type": "v_prediction"})
     assert losses.prediction_type(Loss(), scheduler) == "epsilon"
     assert losses.prediction_type(Loss(), v_scheduler) == "v_prediction"
     assert losses.prediction_type(Loss(prediction="v_prediction"), scheduler) == "v_prediction"
-    sample_scheduler = DDPMScheduler(**{**models.SD1_NOISE_SCHEDULE, "prediction_type": "sample"})
+    sample_scheduler = DDPMScheduler(**{**bases.SD1_NOISE_SCHEDULE, "prediction_type": "sample"})
     with pytest.raises(ValueError, match="sample"):
         losses.prediction_type(Loss(), sample_scheduler)
 
@@ -182,7 +182,7 @@ def added_update(module) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tiny_models():
     torch.manual_seed(0)
-    return models.tiny_unet(), models.tiny_text_encoder()
+    return bases.tiny_unet(), bases.tiny_text_encoder()
 
 
 def tiny_network(tiny_models, algo: str, **kwargs):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorabake import models, network
-from lorabake.blocks import block_of
+from lorabake.models import bases, network
+from lorabake.models.blocks import block_of
 from lorabake.config import ALGOS, BLOCKS, Network
 
 # Which tensor tells each algo's files apart (lycoris detects the algo from it when loading).
@@ -21,7 +21,7 @@ SIGNATURE = {"lora": "lora_down.weight", "locon": "lora_down.weight", "dylora": 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return models.tiny_unet(), models.tiny_text_encoder()
+    return bases.tiny_unet(), bases.tiny_text_encoder()
 
 
 def fresh(tiny):

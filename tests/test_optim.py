@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from lorabake import optim
+from lorabake import optimizers
+from lorabake.train import optim
 from lorabake.config import OPTIMIZERS
 
 # A learning rate (and args) under which each optimizer visibly learns the toy task in 30 steps.
@@ -61,7 +62,7 @@ def train(optimizer, model, inputs, targets, steps=30, scheduler=None, each_step
 
 
 def test_the_config_offers_exactly_these_optimizers():
-    assert set(OPTIMIZERS) == set(optim.OPTIMIZER_CLASSES) == set(optim.OPTIMIZER_SPECS)
+    assert set(OPTIMIZERS) == set(optimizers.OPTIMIZER_CLASSES) == set(optimizers.OPTIMIZER_SPECS)
 
 
 @pytest.mark.parametrize("kind", sorted(TRAINING))
@@ -74,8 +75,8 @@ def test_every_optimizer_trains_the_toy_model(kind):
 
     assert losses[-1] < 0.5 * losses[0], losses
     cls = type(optimizer)
-    assert f"{cls.__module__}:{cls.__name__}" == optim.OPTIMIZER_CLASSES[kind]
-    assert optim.describe(kind, args).split("(")[0] == f"{cls.__module__}.{cls.__name__}"
+    assert f"{cls.__module__}:{cls.__name__}" == optimizers.OPTIMIZER_CLASSES[kind]
+    assert optimizers.describe(kind, args).split("(")[0] == f"{cls.__module__}.{cls.__name__}"
     assert [g["name"] for g in optimizer.param_groups] == ["first", "second"]
     assert all("lr" in g for g in groups), "the caller's groups are left as they were"
     if kind.endswith("8bit"):
@@ -86,7 +87,7 @@ def test_every_optimizer_trains_the_toy_model(kind):
 
 def test_check_args_names_the_unknown_argument_and_the_known_ones():
     with pytest.raises(ValueError) as error:
-        optim.check_args("prodigy", {"d_coeff": 2.0, "decouple": True})
+        optimizers.check_args("prodigy", {"d_coeff": 2.0, "decouple": True})
     message = str(error.value)
     assert "d_coeff" in message and "'d_coef'" in message and "'safeguard_warmup'" in message
     assert "'lr'" not in message.split("known:")[1] and "'params'" not in message
@@ -104,7 +105,7 @@ def test_check_args_names_the_unknown_argument_and_the_known_ones():
     ("sgd_nesterov", {"momentum": 0.8, "weight_decay": 1e-4}),
 ])
 def test_check_args_accepts_real_arguments(kind, args):
-    optim.check_args(kind, args)
+    optimizers.check_args(kind, args)
 
 
 @pytest.mark.parametrize("kind,args,fragment", [
@@ -116,28 +117,28 @@ def test_check_args_accepts_real_arguments(kind, args):
 ])
 def test_check_args_refuses_what_the_optimizer_would_refuse(kind, args, fragment):
     with pytest.raises(ValueError) as error:
-        optim.check_args(kind, args)
+        optimizers.check_args(kind, args)
     assert fragment in str(error.value)
 
 
 def test_check_args_names_the_pip_package_of_a_missing_library(monkeypatch):
-    missing = optim.OptimizerSpec("lorabake_no_such_lib.module:Optimizer", "lorabake-no-such-lib")
-    monkeypatch.setitem(optim.OPTIMIZER_SPECS, "prodigy", missing)
+    missing = optimizers.OptimizerSpec("lorabake_no_such_lib.module:Optimizer", "lorabake-no-such-lib")
+    monkeypatch.setitem(optimizers.OPTIMIZER_SPECS, "prodigy", missing)
     with pytest.raises(ValueError, match="pip install lorabake-no-such-lib"):
-        optim.check_args("prodigy", {})
+        optimizers.check_args("prodigy", {})
     with pytest.raises(ValueError, match="unknown optimizer type 'adam'"):
-        optim.check_args("adam", {})
+        optimizers.check_args("adam", {})
 
 
-@pytest.mark.parametrize("kind", sorted(optim.OPTIMIZER_SPECS))
+@pytest.mark.parametrize("kind", sorted(optimizers.OPTIMIZER_SPECS))
 def test_parameters_read_from_source_match_the_imported_signature(kind):
-    target = optim.OPTIMIZER_CLASSES[kind]
-    assert optim._parameters_from_source(target) == optim._parameters_from_import(target)
+    target = optimizers.OPTIMIZER_CLASSES[kind]
+    assert optimizers._parameters_from_source(target) == optimizers._parameters_from_import(target)
 
 
 def test_checking_args_imports_no_optimizer_library():
-    code = ("import sys; from lorabake import optim\n"
-            "for kind in optim.OPTIMIZER_SPECS: optim.check_args(kind, {})\n"
+    code = ("import sys; from lorabake import optimizers\n"
+            "for kind in optimizers.OPTIMIZER_SPECS: optimizers.check_args(kind, {})\n"
             "heavy = [m for m in ('torch', 'bitsandbytes', 'transformers', 'prodigyopt') if m in sys.modules]\n"
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -252,14 +253,14 @@ def test_scheduler_pairings_that_cannot_work_are_refused(kind, args, scheduler, 
         optim.make_scheduler(scheduler, one_param_optimizer(kind, args), 100, warmup)
     assert fragment in str(error.value)
     with pytest.raises(ValueError) as at_config_time:
-        optim.check_schedule(scheduler, warmup, kind, args)
+        optimizers.check_schedule(scheduler, warmup, kind, args)
     assert str(at_config_time.value) == str(error.value)
 
 
 def test_adafactor_with_a_manual_lr_takes_any_schedule():
     optimizer = one_param_optimizer("adafactor", {"relative_step": False, "scale_parameter": False})
     scheduler = optim.make_scheduler("cosine", optimizer, 10, 0.2)
-    optim.check_schedule("cosine", 0.2, "adafactor", {"relative_step": False})
+    optimizers.check_schedule("cosine", 0.2, "adafactor", {"relative_step": False})
     for _ in range(4):
         optimizer.step()
         scheduler.step()
@@ -276,4 +277,4 @@ def test_adafactor_with_a_manual_lr_takes_any_schedule():
     ("prodigy", {"d_coef": 2.0, "decouple": True}, "prodigyopt.prodigy.Prodigy(d_coef=2.0,decouple=True)"),
 ])
 def test_describe_writes_kohyas_ss_optimizer(kind, args, expected):
-    assert optim.describe(kind, args) == expected
+    assert optimizers.describe(kind, args) == expected

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lorabake import models
+from lorabake.models import bases
 from lorabake.config import Pivotal
-from lorabake import pivotal
+from lorabake.train import pivotal
 
 TOK = Pivotal(token="TOK", num_new_tokens=2)
 
@@ -15,13 +15,13 @@ TOK = Pivotal(token="TOK", num_new_tokens=2)
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("pivotal") / "tiny"
-    models.build_base("tiny-sd", directory)
+    bases.build_base("tiny-sd", directory)
     return directory
 
 
 def _fresh(base_dir):
     """A fresh (tokenizer, text encoder) pair; the encoder frozen, as training loads it."""
-    base = models.load_base(base_dir, parts=("text_encoder",))
+    base = bases.load_base(base_dir, parts=("text_encoder",))
     return base.tokenizer, base.text_encoder
 
 

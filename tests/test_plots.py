@@ -6,7 +6,7 @@ import math
 import pytest
 from PIL import Image
 
-from lorabake import plots
+from lorabake.render import plots
 
 
 def records(steps: int = 60, per_epoch: int = 20) -> list[dict]:

@@ -7,13 +7,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lorabake.buckets import BucketSpec, place
-from lorabake.dataset import Dataset, epoch_items, scan_dataset, steps_per_epoch
-from lorabake.report import build_report, render_markdown, write_report
+from lorabake.data.buckets import BucketSpec, place
+import yaml
+
+from lorabake.data.dataset import Dataset, epoch_items, scan_dataset
+from lorabake.data.report import build_report, render_markdown, write_report
 
 SPEC = BucketSpec(resolution=(64, 64), min_size=32, max_size=128, step=32)
-RUNS = {"short": {"batch_size": 2, "epochs": 3, "max_steps": None},
-        "capped": {"batch_size": 1, "epochs": 10, "max_steps": 7}}
+RUNS = {"short": {"batch_size": 2, "grad_accum": 1, "epochs": 3, "max_steps": None, "steps_per_epoch": 10,
+                  "total_steps": 30},
+        "capped": {"batch_size": 1, "grad_accum": 1, "epochs": 10, "max_steps": 7, "steps_per_epoch": 32,
+                   "total_steps": 7}}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_image(path: Path, size: tuple[int, int], caption: str | None = None) -> None:
@@ -47,14 +52,32 @@ def test_counts_folders_and_buckets(dataset: Dataset) -> None:
     assert report["epoch_entries"] == len(epoch_items(dataset)) == 2 * (12 + 4)
 
 
-def test_runs_use_bucketed_steps_and_max_steps(dataset: Dataset) -> None:
-    report = build_report(dataset, SPEC, RUNS)
-    placements = {item.rel: place(item.width, item.height, SPEC).bucket for item in dataset.items}
-    per_epoch = steps_per_epoch(placements, epoch_items(dataset), 2)
-    assert report["runs"]["short"] == {"batch_size": 2, "grad_accum": 1, "epochs": 3, "max_steps": None,
-                                       "steps_per_epoch": per_epoch, "total_steps": 3 * per_epoch}
-    assert report["runs"]["capped"]["steps_per_epoch"] == 32
-    assert report["runs"]["capped"]["total_steps"] == 7
+def test_each_run_reports_the_steps_its_own_plan_counts(tmp_path: Path) -> None:
+    """The 92/96 case: wide images added, and a second run with buckets off. The report once applied
+    the first run's bucket spec to every run; now each row is that run's training plan."""
+    from lorabake.project import load_project
+    from lorabake.workspace import Workspace
+
+    data = tmp_path / "datasets" / "pets"
+    for i in range(5):
+        make_image(data / "3_cat" / f"square{i}.png", (128, 128), "cat")
+    for i in range(3):
+        make_image(data / "3_cat" / f"wide{i}.png", (384, 128), "cat")  # the added wide images
+    (tmp_path / "configs" / "runs").mkdir(parents=True)
+    (tmp_path / "configs" / "config.yaml").write_text(yaml.safe_dump({
+        "bases": {"tiny": {"builtin": "tiny-sd"}}, "datasets": {"pets": {"path": "datasets/pets"}},
+        "defaults": {"datasets": ["pets"], "resolution": 128, "buckets": {"min": 64, "max": 256, "step": 64},
+                     "training": {"batch_size": 2, "epochs": 4}}}))
+    (tmp_path / "configs" / "runs" / "a-bucketed.yaml").write_text("")
+    (tmp_path / "configs" / "runs" / "b-fixed.yaml").write_text("buckets: {enabled: false}\n")
+    ws = Workspace(load_project(tmp_path / "configs" / "config.yaml"))
+    report = build_report(ws.dataset("pets"), ws.report_spec("pets"), ws.report_runs("pets"))
+    for run in ("a-bucketed", "b-fixed"):
+        plan = ws.plan(run)
+        row = report["runs"][run]
+        assert (row["steps_per_epoch"], row["total_steps"]) == (plan.steps_per_epoch, plan.total_steps)
+    # 15 square + 9 wide entries: ceil(15/2) + ceil(9/2) = 13 steps with buckets, ceil(24/2) = 12 without
+    assert [report["runs"][r]["total_steps"] for r in ("a-bucketed", "b-fixed")] == [4 * 13, 4 * 12]
 
 
 def test_caption_warnings_and_tag_counts(dataset: Dataset) -> None:
@@ -81,7 +104,7 @@ def test_render_markdown_has_every_section(dataset: Dataset) -> None:
 
 def test_write_report_writes_json_markdown_and_chart(dataset: Dataset, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
-    pytest.importorskip("lorabake.plots")
+    pytest.importorskip("lorabake.render.plots")
     out = tmp_path / "out" / "report.json"
     report = write_report(dataset, SPEC, RUNS, out)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))

@@ -1,6 +1,6 @@
 import pytest
 
-from lorabake.sample import Prompt, parse_prompt
+from lorabake.render.sample import Prompt, parse_prompt
 
 DEFAULTS = Prompt("", "", 128, 128, 42, 7.5, 20)
 
@@ -29,13 +29,13 @@ def test_sdxl_grid_renders_with_its_own_pipeline_and_the_lora_changes_it(tmp_pat
     import torch
     from PIL import Image
 
-    from lorabake import lora_format, models, network
+    from lorabake.models import bases, lora_format, network
     from lorabake.config import Network, Samples
-    from lorabake.sample import load_pipeline, sample_grid
+    from lorabake.render.sample import load_pipeline, sample_grid
 
     base_dir = tmp_path / "xl"
-    models.build_base("tiny-sdxl", base_dir)
-    base = models.load_base(base_dir)
+    bases.build_base("tiny-sdxl", base_dir)
+    base = bases.load_base(base_dir)
     net = network.create_network(base.unet, base.te, Network(algo="lora", dim=4, alpha=4), seed=1)
     with torch.no_grad():
         for param in net.parameters():

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lorabake import scan_cache, store
-from lorabake.dataset import DatasetError, caption_digest, scan_dataset
-from lorabake.scan_cache import image_sha256
+from lorabake import store
+from lorabake.data import scan_cache
+from lorabake.data.dataset import DatasetError, caption_digest, scan_dataset
+from lorabake.data.scan_cache import image_sha256
 
 HOUR_NS = 3600 * 10**9
 

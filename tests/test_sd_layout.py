@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorabake import models, sd_layout
+from lorabake.models import bases, sd_layout
+from lorabake.models.keys import ORIGINAL_PREFIXES, architecture_of
 
 BUILTINS = ("tiny-sd", "tiny-sd2-v", "tiny-sdxl")
 
@@ -33,8 +34,8 @@ def written(tmp_path_factory):
     out = {}
     for builtin in BUILTINS:
         base_dir = root / builtin
-        models.build_base(builtin, base_dir)
-        base = models.load_base(base_dir)
+        bases.build_base(builtin, base_dir)
+        base = bases.load_base(base_dir)
         _scramble(base.unet, base.vae, *base.text_encoders)
         path = root / f"{builtin}.safetensors"
         save_file(sd_layout.to_single_file(base.arch, base.unet, base.vae, base.text_encoders), path)
@@ -86,12 +87,14 @@ def test_diffusers_reads_the_single_file_back_to_the_same_model(written, builtin
     with torch.no_grad():
         want = base.unet(latents, timestep, context, **extra).sample
         got = pipe.unet.eval()(latents, timestep, context, **extra).sample
-    assert torch.equal(got, want)
+    # The weights are identical (above); the loaded tensors' memory layout may differ, and with it the
+    # order of float sums in a kernel (measured: 2.6e-6 on tiny-sd with diffusers 0.42, outputs ~1).
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_file_keys_follow_the_original_layout(written):
     keys = {builtin: set(load_file(path)) for builtin, (_, _, path) in written.items()}
-    assert {builtin: sd_layout.arch_of_keys(k) for builtin, k in keys.items()} == {
+    assert {builtin: architecture_of(k) for builtin, k in keys.items()} == {
         "tiny-sd": "sd1", "tiny-sd2-v": "sd2", "tiny-sdxl": "sdxl"}
     sd1, sdxl = keys["tiny-sd"], keys["tiny-sdxl"]
     assert {"model.diffusion_model.output_blocks.11.0.skip_connection.weight",  # diffusers' SD1 marker
@@ -104,7 +107,7 @@ def test_file_keys_follow_the_original_layout(written):
             "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight",
             "conditioner.embedders.1.model.text_projection"} <= sdxl
     assert not any(key.endswith("position_ids") for k in keys.values() for key in k)
-    assert all(key.startswith(sd_layout.ORIGINAL_PREFIXES) for k in keys.values() for key in k)
+    assert all(key.startswith(ORIGINAL_PREFIXES) for k in keys.values() for key in k)
 
 
 def test_vae_attention_is_written_as_1x1_convs(written):
@@ -165,7 +168,7 @@ def test_unet_original_names_agree_with_the_state_dict_converter(written):
 
 def test_a_weight_without_an_original_place_is_an_error(written):
     _, base, _ = written["tiny-sd"]
-    unet = models.tiny_unet("sd1")
+    unet = bases.tiny_unet("sd1")
     unet.down_blocks[0].extra_gate = torch.nn.Linear(2, 2)
     with pytest.raises(KeyError, match="down_blocks.0.extra_gate"):
         sd_layout.unet_original_names(unet)

@@ -15,8 +15,11 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from lorabake import base_files, paths
-from lorabake.config import ConfigError, load_project
+from lorabake import paths
+from lorabake.models import base_files
+from lorabake.config import ConfigError
+from lorabake.project import load_project
+from lorabake.workspace import Workspace
 from lorabake.names import UnsafeName
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,13 +76,13 @@ def test_dataset_keys_that_leave_results_are_refused_and_write_nothing(tmp_path)
 
 @pytest.mark.parametrize("where, edit", [
     ("bases", lambda c: c["bases"].update({"../../evil-base": {"builtin": "tiny-sd"}})),
-    ("merges.0.name", lambda c: c.update(merges=[{"name": "../m", "loras": [{"run": "a"}]}])),
-    ("extracts.0.name", lambda c: c.update(extracts=[{"name": "/tmp/e", "tuned": "tiny"}])),
-    ("resizes.0.name", lambda c: c.update(resizes=[{"name": "r/../../x", "run": "a", "rank": 2}])),
-    ("svd_merges.0.name", lambda c: c.update(svd_merges=[{"name": "..", "loras": [{"run": "a"}], "rank": 2}])),
+    ("merges: entry 0: name", lambda c: c.update(merges=[{"name": "../m", "loras": [{"run": "a"}]}])),
+    ("extracts: entry 0: name", lambda c: c.update(extracts=[{"name": "/tmp/e", "tuned": "tiny"}])),
+    ("resizes: entry 0: name", lambda c: c.update(resizes=[{"name": "r/../../x", "run": "a", "rank": 2}])),
+    ("svd_merges: entry 0: name", lambda c: c.update(svd_merges=[{"name": "..", "loras": [{"run": "a"}], "rank": 2}])),
 ])
 def test_every_name_that_becomes_a_path_passes_one_check(tmp_path, where, edit):
-    with pytest.raises(ConfigError, match=rf"config.yaml: {where}: .*becomes a file name under results/"):
+    with pytest.raises(ConfigError, match=rf"config.yaml: {where}.*becomes a file name under results/"):
         load_project(write_project(tmp_path, edit))
 
 
@@ -154,7 +157,7 @@ def test_a_malformed_base_header_is_refused_before_any_job(tmp_path):
         config = write_project(project, lambda c: c["bases"].update(user={"path": str(bad)}), run="base: user\n")
         started = time.monotonic()
         with pytest.raises(ConfigError) as error:
-            load_project(config)
+            Workspace.load(config)
         assert time.monotonic() - started < 5
         assert f"bases.user.path: {bad}" in str(error.value), name
         assert not (project / "results").exists()
@@ -177,6 +180,6 @@ def test_bad_init_weights_are_refused_before_any_job(tmp_path):
     for i, (path, why) in enumerate(cases.items()):
         config = write_project(tmp_path / f"p{i}", run=f"network: {{init_weights: {path}}}\n")
         with pytest.raises(ConfigError, match=rf"a.yaml: network.init_weights: .*{why}"):
-            load_project(config)
+            Workspace.load(config)
     good = write_project(tmp_path / "fits", run=f"network: {{dim: 8, init_weights: {lora}}}\n")
-    assert load_project(good).runs["a"].network.init_weights == str(lora)
+    assert Workspace.load(good).run("a").network.init_weights == str(lora)

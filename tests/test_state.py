@@ -266,6 +266,40 @@ def test_damaged_state_fails_naming_it(tmp_path, damage, message):
     assert str(directory) in str(error.value)
 
 
+def truncate(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep(len(data))])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda f: truncate(f, lambda n: n - 1000),  # the data cut short (a copy or a disk that stopped)
+    lambda f: truncate(f, lambda n: 20),  # cut inside the header
+    lambda f: f.unlink(),
+], ids=["data-cut-short", "header-cut-short", "missing"])
+def test_damaged_newest_state_resumes_from_the_one_before_on_the_same_bytes(tmp_path, damage):
+    model, optimizer, scheduler = make_training("adamw", seed=0)
+    train_steps(model, optimizer, scheduler, range(TOTAL_STEPS))
+    uninterrupted = model.state_dict()
+
+    model, optimizer, scheduler = make_training("adamw", seed=0)
+    for start, stop in ((0, 4), (4, 8)):
+        train_steps(model, optimizer, scheduler, range(start, stop))
+        save_state(tmp_path / state_dir_name(stop), network=model.state_dict(), optimizer=optimizer,
+                   scheduler=scheduler, step=stop, epoch=1, extra={"digest": "cfg"})
+    assert latest_state(tmp_path, "cfg") == tmp_path / "step-000008"
+    damage(tmp_path / "step-000008" / "tensors.safetensors")
+
+    with pytest.warns(UserWarning, match=r"skipping unreadable training state: .*step-000008.*tensors\.safetensors"):
+        directory = latest_state(tmp_path, "cfg")
+    assert directory == tmp_path / "step-000004"
+    model, optimizer, scheduler = make_training("adamw", seed=99)
+    resumed = load_state(directory, optimizer, scheduler)
+    model.load_state_dict(resumed.network)
+    train_steps(model, optimizer, scheduler, range(resumed.step, TOTAL_STEPS))
+    for name, parameter in uninterrupted.items():
+        assert torch.equal(parameter, model.state_dict()[name]), name
+
+
 def test_missing_state_directory_fails_naming_it(tmp_path):
     with pytest.raises(StateError, match="step-000004 does not exist"):
         load_state(tmp_path / "step-000004", *make_training("adamw", seed=0)[1:])

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import make_project
-from lorabake import config, models, network, paths
+from lorabake import config, paths, project
+from lorabake.models import bases, network
 from lorabake.train import loop
 from trainer import Result, Trainer, eval_loss, fixed_batch
 
@@ -26,8 +27,8 @@ def trainer(tmp_path_factory):
         os.chdir(cwd)
 
 
-def base_with(trainer: Trainer, lora=None) -> models.Base:
-    base = models.load_base(trainer.project / "results/base/tiny")
+def base_with(trainer: Trainer, lora=None) -> bases.Base:
+    base = bases.load_base(trainer.project / "results/base/tiny")
     if lora is not None:
         network.apply_weights(lora, base.unet, base.text_encoder, 1.0)
     return base
@@ -249,7 +250,7 @@ def test_text_options_change_training(trainer):
     for name, overrides in {"text-skip": {"training": {"clip_skip": 2}},
                             "text-long": {"training": {"max_token_length": 150}},
                             "text-weighted": {"captions": {"weighted": True, "shuffle": True, "keep_tokens": 1}}}.items():
-        other = trainer.train(name, config.deep_merge({"training": {"max_steps": 2}}, overrides))
+        other = trainer.train(name, project.deep_merge({"training": {"max_steps": 2}}, overrides))
         assert other.records[0]["loss"] != plain.records[0]["loss"] or name == "text-weighted"
         assert len(other.records) == 2
 

@@ -7,7 +7,11 @@ from pathlib import Path
 
 from PIL import Image
 
+import pytest
+
 from conftest import planned_jobs, rules_of, runs_of, snakemake
+
+pytestmark = pytest.mark.workflow  # runs Snakemake
 
 EXPECTED = [
     "results/base/tiny/base.json",

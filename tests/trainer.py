@@ -8,7 +8,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lorabake import cli, config, models, paths
+from lorabake import cli, paths, project
+from lorabake.models import bases
 from lorabake.workspace import Workspace
 
 QUICK = {"training": {"max_steps": 8, "batch_size": 2}, "save": {"precision": "fp32"}}
@@ -26,7 +27,7 @@ class Trainer:
         assert cli.main(["--config", str(self.project / "configs/config.yaml"), *args]) == 0
 
     def write_run(self, name: str, overrides: dict, quick: bool = True) -> None:
-        data = config.deep_merge(QUICK, overrides) if quick else overrides
+        data = project.deep_merge(QUICK, overrides) if quick else overrides
         (self.project / "configs/runs" / f"{name}.yaml").write_text(yaml.safe_dump(data))
 
     def train(self, name: str, overrides: dict | None = None, quick: bool = True) -> "Result":
@@ -61,9 +62,9 @@ class Result:
             return f.metadata()
 
 
-def fixed_batch(base: models.Base, project: Path, count: int = 4):
+def fixed_batch(base: bases.Base, project: Path, count: int = 4):
     """A fixed evaluation batch: cached demo latents, their captions' encodings, noise and timesteps."""
-    from lorabake import latents as latent_cache
+    from lorabake.data import latents as latent_cache
 
     index_path = sorted((project / "results/latents/demo").glob("*/index.json"))[0]
     index = latent_cache.read_index(index_path)
@@ -78,7 +79,7 @@ def fixed_batch(base: models.Base, project: Path, count: int = 4):
 
 
 @torch.no_grad()
-def eval_loss(base: models.Base, batch) -> float:
+def eval_loss(base: bases.Base, batch) -> float:
     latents, noise, timesteps, ids = batch
     noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = base.unet(noisy, timesteps, base.text_encoder(ids)[0]).sample

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lorabake import paths, store
 from lorabake.config import ConfigError
-from lorabake.dataset import DatasetError, image_files, split_tags
+from lorabake.data.dataset import DatasetError, image_files, split_tags
 from lorabake.workspace import Workspace
 
 
@@ -25,15 +25,15 @@ def cmd_validate(ws: Workspace, args) -> None:
 
 def cmd_base(ws: Workspace, args) -> None:
     """Build a tiny base, or import a checkpoint (single file → diffusers layout; folder → linked)."""
-    from lorabake import base_files, models
+    from lorabake.models import base_files, bases
 
-    spec, out = ws.project.file.bases[args.base], Path(paths.base_dir(args.base))
+    spec, out = ws.project.file.bases[args.base], ws.project.root / paths.base_dir(args.base)
     if spec.builtin is not None:
-        print(f"base {args.base}: built {spec.builtin}, id {models.build_base(spec.builtin, out)}")
+        print(f"base {args.base}: built {spec.builtin}, id {bases.build_base(spec.builtin, out)}")
         return
     try:
         info = base_files.import_base(ws.project.base_path(args.base), out, allow_pickle=spec.allow_pickle,
-                                      prediction=spec.prediction, id_cache=Path(paths.base_id_cache()))
+                                      prediction=spec.prediction, id_cache=ws.project.root / paths.base_id_cache())
     except base_files.BaseFileError as error:
         raise ConfigError(f"{ws.project.config_file}: bases.{args.base}: {error}") from None
     print(f"base {args.base}: {info['architecture']} ({info['prediction']}) from {spec.path}, id {info['id']}"
@@ -41,29 +41,27 @@ def cmd_base(ws: Workspace, args) -> None:
 
 
 def cmd_dataset_report(ws: Workspace, args) -> None:
-    from lorabake import report
+    from lorabake.data import report
 
-    runs = {}
-    for run in ws.project.runs_using(args.dataset):
-        cfg = ws.run(run)
-        runs[run] = {"batch_size": cfg.global_batch, "grad_accum": cfg.training.grad_accum,
-                     "epochs": cfg.training.epochs, "max_steps": cfg.training.max_steps}
-    report.write_report(ws.dataset(args.dataset), ws.report_spec(args.dataset), runs, Path(paths.dataset_report(args.dataset)))
+    report.write_report(ws.dataset(args.dataset), ws.report_spec(args.dataset), ws.report_runs(args.dataset),
+                        ws.project.root / paths.dataset_report(args.dataset))
 
 
 def cmd_cache_latents(ws: Workspace, args) -> None:
-    from lorabake import latents, models
+    from lorabake.data import latents
+    from lorabake.models import bases
 
     job = ws.latent_jobs.get((args.dataset, args.spec))
     if job is None:
         raise ConfigError(f"no run uses dataset {args.dataset!r} with latent spec {args.spec!r}")
-    base_dir = Path(paths.base_dir(job.base))
-    vae = models.load_base(base_dir, parts=("vae",)).vae
-    vae_id = models.base_id(base_dir)
+    base_dir = ws.project.root / paths.base_dir(job.base)
+    vae = bases.load_base(base_dir, parts=("vae",)).vae
+    vae_id = bases.base_id(base_dir)
     root = ws.project.dataset_root(args.dataset)
     images = [(p, p.relative_to(root).as_posix()) for p in image_files(root)]
-    latents.cache_latents(images, job.spec, job.flip, vae, vae_id, Path(paths.latent_store(vae_id, job.spec)),
-                          Path(paths.latent_index(args.dataset, args.spec)),
+    latent_store = ws.project.root / paths.latent_store(vae_id, job.spec)
+    latents.cache_latents(images, job.spec, job.flip, vae, vae_id, latent_store,
+                          ws.project.root / paths.latent_index(args.dataset, args.spec),
                           meta={"dataset": args.dataset, "spec": args.spec})
 
 
@@ -105,35 +103,44 @@ def launch_processes(processes: int, argv: list[str]) -> None:
 def cmd_train(ws: Workspace, args) -> None:
     import os
 
-    from lorabake import latents
+    from lorabake.data import latents
     from lorabake.train.loop import RunInputs, train
 
-    run = ws.run(args.run)
+    run, root = ws.run(args.run), ws.project.root
     if run.processes > 1 and "WORLD_SIZE" not in os.environ:
         print(f"train {args.run}: launching {run.processes} data-parallel processes", flush=True)
         launch_processes(run.processes, ["--config", args.config, "train", "--run", args.run])
         return
     datasets = ws.run_datasets(args.run)
     params = ws.train_params(args.run)
-    store.write_json(paths.run_config(args.run), {"run": args.run, "config": run.model_dump(mode="json"),
-                                                   "params": params})
+    store.write_json(root / paths.run_config(args.run), {"run": args.run, "config": run.model_dump(mode="json"),
+                                                          "params": params})
     facts = {"ss_tag_frequency": tag_frequency(datasets), "ss_num_train_images": str(sum(len(d.train_items) for d in datasets.values())),
              "ss_num_reg_images": str(sum(len(d.reg_items) for d in datasets.values())),
              "lorabake_config_digest": params["config"], "lorabake_caption_digests": params["captions"]}
-    indexes = {ds: latents.read_index(Path(p)) for ds, p in ws.latent_indexes(args.run).items()}
-    for folder in ("epochs", "steps"):
-        Path(paths.run_dir(args.run), folder).mkdir(parents=True, exist_ok=True)
-    train(RunInputs(args.run, run, Path(paths.base_dir(run.base)), datasets, indexes, facts,
+    indexes = {ds: latents.read_index(root / p) for ds, p in ws.latent_indexes(args.run).items()}
+    for ds, index in indexes.items():  # this project's store, also when the index was written before a move
+        index["store"] = str(root / paths.latent_store(index["vae_id"], ws.latent_job(args.run, ds).spec))
+    for folder in (paths.epochs_dir(args.run), paths.steps_dir(args.run)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    train(RunInputs(args.run, run, root / paths.base_dir(run.base), datasets, indexes, facts,
                     root=ws.project.root, digest=store.digest(params)))
 
 
+# ss_tag_frequency is for people and viewers, which show a folder's top few dozen tags: the most common
+# 1000 tags per folder, each cut to 100 characters, keep the metadata well under a MB per folder.
+METADATA_TAGS, METADATA_TAG_CHARS = 1000, 100
+
+
 def tag_frequency(datasets: dict) -> dict[str, dict[str, int]]:
-    """kohya's ss_tag_frequency: tag counts per image folder (`5_lbk_circle`), each image once."""
+    """kohya's ss_tag_frequency: tag counts per image folder (`5_lbk_circle`), each image once; the
+    METADATA_TAGS most common tags of each folder, cut to METADATA_TAG_CHARS."""
     folders: dict[str, Counter] = {}
     for dataset in datasets.values():
         for item in dataset.train_items:
-            folders.setdefault(item.rel.rsplit("/", 1)[0], Counter()).update(split_tags(item.caption))
-    return {folder: dict(counts.most_common()) for folder, counts in sorted(folders.items())}
+            tags = (tag[:METADATA_TAG_CHARS] for tag in split_tags(item.caption))
+            folders.setdefault(item.rel.rsplit("/", 1)[0], Counter()).update(tags)
+    return {folder: dict(counts.most_common(METADATA_TAGS)) for folder, counts in sorted(folders.items())}
 
 
 class TrainingFailed(RuntimeError):
@@ -141,81 +148,159 @@ class TrainingFailed(RuntimeError):
 
 
 def cmd_sample(ws: Workspace, args) -> None:
-    from lorabake.sample import sample_grid
+    from lorabake.render.sample import sample_grid
     from lorabake.train.plan import kept_epochs
 
-    run, samples = ws.run(args.run), ws.project.file.samples
+    run, samples, root = ws.run(args.run), ws.project.file.samples, ws.project.root
     if samples is None:
         raise ConfigError(f"{ws.project.config_file}: samples: not configured, nothing to render")
     epochs = kept_epochs(run, ws.plan(args.run))
-    checkpoints = [(f"epoch {e}", Path(paths.epoch_lora(args.run, e))) for e in epochs]
-    embeddings = (run.pivotal, Path(paths.embeddings(args.run, run.pivotal.token))) if run.pivotal else None
-    sample_grid(Path(paths.base_dir(run.base)), checkpoints, samples, run.size, Path(paths.sample_grid(args.run)),
-                Path(paths.run_dir(args.run)) / "samples", title=f"{args.run}: epochs x strengths",
+    checkpoints = [(f"epoch {e}", root / paths.epoch_lora(args.run, e)) for e in epochs]
+    embeddings = (run.pivotal, root / paths.embeddings(args.run, run.pivotal.token)) if run.pivotal else None
+    sample_grid(root / paths.base_dir(run.base), checkpoints, samples, run.size, root / paths.sample_grid(args.run),
+                root / paths.sample_dir(args.run), title=f"{args.run}: epochs x strengths",
                 clip_skip=run.training.clip_skip, embeddings=embeddings)
 
 
 def cmd_merge(ws: Workspace, args) -> None:
-    from lorabake.merge import MergeInput, merge
+    from lorabake.tools.merge import MergeInput, merge
 
-    spec = next(m for m in ws.project.file.merges if m.name == args.name)
-    loras = [MergeInput(Path(paths.run_lora(lora.run)), lora.ratio, lora.block_weights) for lora in spec.loras]
-    merge(Path(paths.base_dir(spec.base)), loras, Path(paths.merged(spec.name)), spec.precision)
+    spec = ws.project.file.merges[args.name]
+    root = ws.project.root
+    loras = [MergeInput(root / paths.run_lora(lora.run), lora.ratio, lora.block_weights) for lora in spec.loras]
+    merge(root / paths.base_dir(spec.base), loras, root / paths.merged(spec.name), spec.precision)
 
 
 def cmd_merge_diffusers(ws: Workspace, args) -> None:
     """The merged single file as a diffusers folder, converted by the same importer as user bases."""
-    from lorabake import base_files
+    from lorabake.models import base_files
 
-    spec = next(m for m in ws.project.file.merges if m.name == args.name)
-    info = base_files.import_single_file(paths.merged(spec.name), paths.merged_diffusers(spec.name),
-                                         id_cache=Path(paths.base_id_cache()))
+    spec = ws.project.file.merges[args.name]
+    root = ws.project.root
+    info = base_files.import_single_file(root / paths.merged(spec.name), root / paths.merged_diffusers(spec.name),
+                                         id_cache=root / paths.base_id_cache())
     print(f"merge {spec.name}: diffusers folder {paths.merged_diffusers(spec.name)} ({info['architecture']})")
 
 
 def cmd_extract(ws: Workspace, args) -> None:
-    from lorabake import merge, models
-    from lorabake.extract import extract
+    from lorabake.models import bases
+    from lorabake.tools import merge
+    from lorabake.tools.extract import extract
 
-    spec = next(e for e in ws.project.file.extracts if e.name == args.name)
-    base_dir = Path(paths.base_dir(spec.base))
-    base = models.load_base(base_dir)
+    spec = ws.project.file.extracts[args.name]
+    root = ws.project.root
+    base_dir = root / paths.base_dir(spec.base)
+    base = bases.load_base(base_dir)
     if spec.tuned in ws.project.file.bases:  # a checkpoint the user has, imported like any base
-        tuned = models.load_base(Path(paths.base_dir(spec.tuned)))
+        tuned = bases.load_base(root / paths.base_dir(spec.tuned))
         source = f"base {spec.tuned}"
     else:
-        tuned = merge.load_merged(base_dir, Path(paths.merged(spec.tuned)))
+        tuned = merge.load_merged(base_dir, root / paths.merged(spec.tuned))
         source = f"merge {spec.tuned}"
     if tuned.arch != base.arch:
         raise ConfigError(f"{ws.project.config_file}: extracts: {spec.name}: tuned model is {tuned.arch}, base is {base.arch}")
-    extract(base, models.base_info(base_dir), tuned, Path(paths.extracted(spec.name)), dim=spec.dim,
+    extract(base, bases.base_info(base_dir), tuned, root / paths.extracted(spec.name), dim=spec.dim,
             conv_dim=spec.conv_dim, clamp_quantile=spec.clamp_quantile, min_diff=spec.min_diff,
             precision=spec.precision, source=source)
 
 
 def cmd_resize(ws: Workspace, args) -> None:
-    from lorabake import lora_format, lora_tools
+    from lorabake.models import lora_format
+    from lorabake.tools import lora_tools
 
-    spec = next(r for r in ws.project.file.resizes if r.name == args.name)
-    state, metadata = lora_tools.load_lora(paths.run_lora(spec.run))
+    spec = ws.project.file.resizes[args.name]
+    root = ws.project.root
+    state, metadata = lora_tools.load_lora(root / paths.run_lora(spec.run))
     resized, report = lora_tools.resize_lora(state, spec.rank, conv_rank=spec.conv_rank, dynamic=spec.dynamic,
                                              dynamic_param=spec.dynamic_param)
-    lora_format.save_lora(resized, paths.resized(spec.name), spec.precision, lora_tools.resized_metadata(metadata, report))
-    store.write_json(paths.resize_report(spec.name), report.as_dict())
+    lora_format.save_lora(resized, root / paths.resized(spec.name), spec.precision,
+                          lora_tools.resized_metadata(metadata, report))
+    store.write_json(root / paths.resize_report(spec.name), report.as_dict())
     print(f"resize {spec.name}: {report.summary()}")
 
 
 def cmd_svd_merge(ws: Workspace, args) -> None:
-    from lorabake import lora_format, lora_tools
+    from lorabake.models import lora_format
+    from lorabake.tools import lora_tools
 
-    spec = next(m for m in ws.project.file.svd_merges if m.name == args.name)
-    loaded = [lora_tools.load_lora(paths.run_lora(lora.run)) for lora in spec.loras]
+    spec = ws.project.file.svd_merges[args.name]
+    root = ws.project.root
+    loaded = [lora_tools.load_lora(root / paths.run_lora(lora.run)) for lora in spec.loras]
     merged = lora_tools.svd_merge([(state, lora.ratio) for (state, _), lora in zip(loaded, spec.loras)],
                                   spec.rank, spec.conv_rank, spec.clamp_quantile)
     metadata = lora_tools.svd_merged_metadata(spec.name, [(lora.run, lora.ratio) for lora in spec.loras],
                                               loaded[0][1], spec.rank, spec.conv_rank)
-    lora_format.save_lora(merged, paths.svd_merged(spec.name), spec.precision, metadata)
+    lora_format.save_lora(merged, root / paths.svd_merged(spec.name), spec.precision, metadata)
     print(f"svd-merge {spec.name}: {len(lora_tools.module_names(merged))} modules at rank {spec.rank}")
+
+
+def cmd_resume(ws: Workspace, args) -> None:
+    """Continue a killed Snakemake run: `snakemake ARGS --rerun-incomplete`, after clearing the lock
+    the killed run left in the project root, which is done only when no Snakemake or lorabake process
+    still works there (after a `kill -9` of Snakemake, its running jobs live on)."""
+    import subprocess
+
+    snakemake, root = [sys.executable, "-m", "snakemake"], ws.project.root.resolve()
+    if any((root / ".snakemake" / "locks").glob("*.lock")):
+        busy = project_processes(root)
+        if busy:
+            listed = "".join(f"\n  pid {pid}: {command}" for pid, command in busy)
+            raise SystemExit(f"lorabake: error: {root} stays locked: these processes still work in it:{listed}\n"
+                             "let them finish or stop them (kill PID), then run `lorabake resume` again")
+        print(f"resume: no Snakemake or lorabake process works in {root}: the lock is stale, unlocking", flush=True)
+        if subprocess.run([*snakemake, "--unlock", *args.snakemake_args]).returncode:
+            raise SystemExit("lorabake: error: `snakemake --unlock` failed (see above)")
+    rerun = [*snakemake, *args.snakemake_args]
+    if "--rerun-incomplete" not in rerun:
+        rerun.append("--rerun-incomplete")
+    if returncode := subprocess.run(rerun).returncode:
+        raise SystemExit(returncode)
+
+
+def project_processes(root: Path) -> list[tuple[int, str]]:
+    """(pid, command line) of every live Snakemake or lorabake process working in `root` (this one and
+    its parents aside), read from Linux's /proc; zombies and other users' processes are not seen."""
+    import os
+    import re
+
+    if not Path("/proc/self/cwd").exists():
+        raise SystemExit("lorabake: error: cannot tell whether Snakemake still runs here (no /proc); if it "
+                         "does not, run `snakemake --unlock`, then `lorabake resume` again")
+    workflow_command = re.compile(r"(?:^|[\s/])(?:snakemake|lorabake)(?:\s|$)")
+    here, mine, found = os.stat(root), _ancestors(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        try:
+            cwd = os.stat(entry / "cwd")
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # gone, a zombie, or another user's
+            continue
+        if (cwd.st_dev, cwd.st_ino) == (here.st_dev, here.st_ino) and any(map(workflow_command.search, argv)):
+            found.append((int(entry.name), " ".join(argv).strip()))
+    return sorted(found)
+
+
+def _ancestors() -> set[int]:
+    import os
+
+    pids, pid = set(), os.getpid()
+    while pid > 0 and pid not in pids:
+        pids.add(pid)
+        try:  # /proc/PID/stat: "PID (command) STATE PPID …"
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return pids
+
+
+def add_resume(sub) -> None:
+    # Every argument goes to Snakemake (-j1, --profile, targets…): "+" is this parser's option prefix.
+    resume = sub.add_parser("resume", prefix_chars="+", add_help=False,
+                            help="continue a killed snakemake run: unlock if no job of it lives on, then "
+                                 "snakemake ARGS --rerun-incomplete")
+    resume.add_argument("snakemake_args", nargs="*", help="the killed run's snakemake arguments")
+    resume.set_defaults(func=cmd_resume)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -245,6 +330,7 @@ def parser() -> argparse.ArgumentParser:
     add("extract", cmd_extract, "extract a LoRA from (merged − base) by SVD", "name")
     add("resize", cmd_resize, "resize a run's LoRA to a lower (or dynamic) rank by SVD", "name")
     add("svd-merge", cmd_svd_merge, "merge several runs' LoRAs into one LoRA by SVD", "name")
+    add_resume(sub)
     kohya = sub.add_parser("import-kohya", help="turn a kohya training config (+ dataset TOML) into a run config",
                            description="Turn a kohya_ss GUI config (JSON/TOML) or an sd-scripts --config_file, "
                                        "plus its dataset TOML, into a lorabake run config and a report of what "
@@ -268,7 +354,7 @@ def write_docs(out: str) -> None:
 
 
 def import_kohya(args) -> int:
-    from lorabake.kohya_import import NOTHING_LOST, KohyaImportError, import_kohya as read_kohya, write_import
+    from lorabake.kohya import NOTHING_LOST, KohyaImportError, import_kohya as read_kohya, write_import
 
     out = Path(args.out)
     report = Path(args.report) if args.report else out.with_name(out.name.removesuffix(".yaml") + ".import.md")

@@ -1,25 +1,29 @@
-"""The project config: YAML in, validated pydantic models out, before any job runs.
+"""The config vocabulary: pydantic models of a run and of the project file, checked field by field.
 
 `configs/config.yaml` holds `bases`, `datasets`, `defaults` (merged under every run), `samples`,
 `merges` and `extracts`; each `configs/runs/<name>.yaml` is one run (defaults ⊕ file). Field names
-follow kohya's vocabulary. Unknown keys are refused, and every error names the file and key path.
+follow kohya's vocabulary. Unknown keys are refused. Reading the files, sweeps and cross-references
+are `lorabake.project`'s; checks that open a checkpoint are `lorabake.checks`'.
+
+Sizes have bounds far past any real setting (about ten times the largest of the SDXL era), each with
+its reason in the error: they refuse typos and absurd values before any job, where the code would
+otherwise hang, overflow, or fail at save after hours of training.
+
+The bottom floor: this module imports no torch and nothing of lorabake but names, buckets, prompts
+and the optimizer vocabulary (lorabake.optimizers).
 """
 from __future__ import annotations
 
-import copy
-import itertools
+import math
 import re
 import warnings
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lorabake import checkpoint_header, names
-from lorabake.checkpoint_header import PICKLE_SUFFIXES, HeaderError
-from lorabake.buckets import BucketSpec
+from lorabake import names, optimizers
+from lorabake.data.buckets import MAX_SIDE, BucketSpec
+from lorabake.prompts import FIELDS as PROMPT_OPTIONS, Prompt, parse_prompt
 
 # A config name that becomes part of a path under results/ (a key of bases or datasets, a merge's
 # name, …): refused while the config is read, before anything is written.
@@ -30,8 +34,70 @@ class ConfigError(ValueError):
     """A config problem a user can fix; the message names the file and the key path."""
 
 
+# ---------------------------------------------------------------- bounds
+# Each is about ten times the largest real setting; the reason is part of the error message.
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10_000_000
+STEPS_WHY = ("the largest fine-tunes run about a million steps, and 10 million steps at 10 steps/s "
+             "are 12 days on one GPU")
+MAX_RANK = 10_240
+RANK_WHY = ("no SD1, SD2 or SDXL weight has more than 10,240 rows or columns (the UNet's feed-forward), "
+            "so a larger rank adds nothing")
+MAX_BATCH = 1024
+MAX_PROCESSES = 1024
+PROCESSES_WHY = "lorabake starts them on one machine, and the largest have 8 to 16 GPUs or a few hundred cores"
+MAX_SEED = 2**32 - 1
+SEED_WHY = ("seeds are 0 to 2^32 - 1, as in kohya (numpy's seed) and A1111; torch overflows past 2^64 "
+            "and maps a negative seed onto a positive one")
+SIDE_WHY = f"{MAX_SIDE} px is 8x SDXL's 1024 (a 1024x1024 latent), far past any real run or render"
+SIDE_BOUND = {"least": 64, "most": MAX_SIDE, "why": f"sides are 64 px (8 latent pixels) or more; {SIDE_WHY}"}
+# What a sample prompt is parsed against when the config is checked: the options it sets itself are then
+# the only values that can be out of bounds.
+PROMPT_CHECK_DEFAULTS = Prompt("", "", 512, 512, 0, 7.5, 20)
+
+
+def check_bounds(value: Any, bound: dict[str, Any]) -> Any:
+    """`value` (a number, or each number of a list or pair) within bound's least..most, else a
+    ValueError that says the bound and why."""
+    least = -math.inf if bound["least"] is None else bound["least"]
+    for number in value if isinstance(value, (list, tuple)) else (value,):
+        if number is None or least <= number <= bound["most"]:
+            continue
+        problem = ("not a number" if math.isnan(number) else
+                   f"less than {_number(least)}, the least lorabake accepts" if number < least else
+                   f"more than {_number(bound['most'])}, the most lorabake accepts")
+        raise ValueError(f"{_number(number)} is {problem}: {bound['why']}")
+    return value
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) and abs(value) < 10**15 else f"{value:.3g}"
+
+
+def option(default: Any, description: str, kohya: str | None = None, *, most: float | None = None,
+           why: str = "", least: float | None = None, **constraints: Any) -> Any:
+    """A config field with the text the option reference (docs/options.md) prints for it. With
+    `most`, values outside least..most are refused with `why` (Strict._within_bounds); pydantic's own
+    `ge`/`gt` constraints keep the ordinary lower bounds."""
+    extra: dict[str, Any] = {"kohya": kohya} if kohya else {}
+    if most is not None:
+        extra["bound"] = {"least": least, "most": most, "why": why}
+        description += f"; {_number(least)} to {_number(most)}" if least is not None else f"; at most {_number(most)}"
+    extra = extra or None
+    if callable(default):
+        return Field(default_factory=default, description=description, json_schema_extra=extra, **constraints)
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*")
+    @classmethod
+    def _within_bounds(cls, value: Any, info) -> Any:
+        """Fields declared with `option(..., most=…, why=…)` are checked against their bound."""
+        extra = cls.model_fields[info.field_name].json_schema_extra
+        return check_bounds(value, extra["bound"]) if isinstance(extra, dict) and "bound" in extra else value
 
 
 # ---------------------------------------------------------------- project-level entries
@@ -70,9 +136,9 @@ class DatasetSpec(Strict):
 
 class Buckets(Strict):
     enabled: bool = True
-    min: int = Field(256, ge=64)
-    max: int = Field(1024, ge=64)
-    step: int = Field(64, ge=8)
+    min: int = option(256, "smallest bucket side in px", "--min_bucket_reso", ge=64, most=MAX_SIDE, why=SIDE_WHY)
+    max: int = option(1024, "largest bucket side in px", "--max_bucket_reso", ge=64, most=MAX_SIDE, why=SIDE_WHY)
+    step: int = option(64, "bucket sides are multiples of this", "--bucket_reso_steps", ge=8)
     no_upscale: bool = False
 
     @model_validator(mode="after")
@@ -89,14 +155,6 @@ BLOCKS = tuple([f"IN{i:02d}" for i in range(12)] + ["MID"] + [f"OUT{i:02d}" for 
 PRECISIONS = Literal["fp16", "bf16", "fp32"]
 
 
-def option(default: Any, description: str, kohya: str | None = None, **constraints: Any) -> Any:
-    """A config field with the text the option reference (docs/options.md) prints for it."""
-    extra = {"kohya": kohya} if kohya else None
-    if callable(default):
-        return Field(default_factory=default, description=description, json_schema_extra=extra, **constraints)
-    return Field(default, description=description, json_schema_extra=extra, **constraints)
-
-
 def _per_block(values: list[float] | None, key: str) -> list[float] | None:
     if values is not None and len(values) != len(BLOCKS):
         raise ValueError(f"{key} needs {len(BLOCKS)} values (IN00–IN11, MID, OUT00–OUT11), got {len(values)}")
@@ -105,10 +163,10 @@ def _per_block(values: list[float] | None, key: str) -> list[float] | None:
 
 class Network(Strict):
     algo: Literal[ALGOS] = option("lora", "network type, from lycoris-lora", "--network_module / network_args algo")
-    dim: int = option(8, "rank of the update (network dim)", "--network_dim", ge=1)
+    dim: int = option(8, "rank of the update (network dim)", "--network_dim", ge=1, most=MAX_RANK, why=RANK_WHY)
     alpha: float = option(1.0, "scale: the update is multiplied by alpha / dim", "--network_alpha", gt=0)
     conv_dim: int | None = option(None, "rank for 3×3 convolutions (locon, loha, lokr…); null: convs not trained",
-                                  "network_args conv_dim", ge=1)
+                                  "network_args conv_dim", ge=1, most=MAX_RANK, why=RANK_WHY)
     conv_alpha: float | None = option(None, "alpha for 3×3 convolutions (default: conv_dim)", "network_args conv_alpha", gt=0)
     factor: int = option(-1, "lokr: Kronecker factor (-1: as balanced as the shape allows)", "network_args factor")
     dropout: float = option(0.0, "dropout on the update's output (lora/locon; runs them in lycoris' bypass mode)",
@@ -117,7 +175,7 @@ class Network(Strict):
     module_dropout: float = option(0.0, "skips a whole module's update per step", "network_args module_dropout",
                                    ge=0.0, lt=1.0)
     block_dims: list[int] | None = option(None, "25 per-block ranks IN00…IN11, MID, OUT00…OUT11 (UNet)",
-                                          "network_args block_dims")
+                                          "network_args block_dims", most=MAX_RANK, why=RANK_WHY)
     block_alphas: list[float] | None = option(None, "25 per-block alphas", "network_args block_alphas")
     block_lr_weights: list[float] | None = option(None, "25 per-block multipliers of the UNet learning rate",
                                                   "network_args down_lr_weight/mid_lr_weight/up_lr_weight")
@@ -184,9 +242,7 @@ class Optimizer(Strict):
 
     @model_validator(mode="after")
     def _known_args(self) -> "Optimizer":
-        from lorabake import optim
-
-        optim.check_args(self.type, self.args)
+        optimizers.check_args(self.type, self.args)
         return self
 
 
@@ -200,11 +256,16 @@ class Scheduler(Strict):
 
 
 class Training(Strict):
-    epochs: int = option(10, "passes over the data (images × repeats)", "--max_train_epochs", ge=1)
+    epochs: int = option(10, "passes over the data (images × repeats)", "--max_train_epochs", ge=1,
+                         most=MAX_EPOCHS, why="real runs take at most a few thousand epochs (a tiny dataset "
+                         "with one repeat); stop a run by steps with max_steps")
     max_steps: int | None = option(None, "stop after this many optimizer steps, if fewer than epochs give",
-                                   "--max_train_steps", ge=1)
-    batch_size: int = option(1, "images per step (one bucket per batch)", "--train_batch_size", ge=1)
-    grad_accum: int = option(1, "batches per optimizer step", "--gradient_accumulation_steps", ge=1)
+                                   "--max_train_steps", ge=1, most=MAX_STEPS, why=STEPS_WHY)
+    batch_size: int = option(1, "images per step (one bucket per batch)", "--train_batch_size", ge=1,
+                             most=MAX_BATCH, why="it is per process, and an 80 GB GPU fits a few dozen SDXL "
+                             "images; add processes or grad_accum for a larger global batch")
+    grad_accum: int = option(1, "batches per optimizer step", "--gradient_accumulation_steps", ge=1,
+                             most=MAX_BATCH, why="real runs accumulate at most about a hundred batches per step")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "autocast dtype of the forward pass",
                                                             "--mixed_precision")
     full_precision: bool = option(False, "keep the trained weights in the mixed-precision dtype too",
@@ -217,8 +278,9 @@ class Training(Strict):
                                         "needs the pixels each step)", "--cache_latents")
     processes: int = option(1, "data-parallel processes (GPUs, or CPU processes with gloo); batch_size is per "
                             "process, so the global batch is batch_size × processes", "accelerate --num_processes",
-                            ge=1)
-    seed: int = option(42, "seed of everything random; same seed, same bytes on the CPU", "--seed")
+                            ge=1, most=MAX_PROCESSES, why=PROCESSES_WHY)
+    seed: int = option(42, "seed of everything random; same seed, same bytes on the CPU", "--seed",
+                       least=0, most=MAX_SEED, why=SEED_WHY)
     clip_skip: int = option(1, "use the text encoder's n-th last layer", "--clip_skip", ge=1)
     max_token_length: Literal[75, 150, 225] = option(75, "caption tokens, encoded in chunks of 75",
                                                      "--max_token_length")
@@ -315,7 +377,8 @@ class Resources(Strict):
     """What a run's train job asks the scheduler for. Not part of the run's identity: changing it
     never retrains."""
 
-    gpu: int = option(0, "GPUs for the train job (SLURM --gres=gpu:N); > 1 also means processes = gpu", ge=0)
+    gpu: int = option(0, "GPUs for the train job (SLURM --gres=gpu:N); > 1 also means processes = gpu", ge=0,
+                      most=MAX_PROCESSES, why=PROCESSES_WHY)
     mem_mb: int = option(8000, "memory for the train job in MB", ge=100)
     runtime: int = option(240, "wall-clock limit of the train job in minutes", ge=1)
     threads: int = option(1, "CPU threads of the train job (also OMP_NUM_THREADS; bytes depend on it on the CPU)",
@@ -325,7 +388,8 @@ class Resources(Strict):
 class RunConfig(Strict):
     base: str = option("tiny", "key of config.yaml bases")
     datasets: list[str] = option(..., "keys of config.yaml datasets", "--train_data_dir", min_length=1)
-    resolution: int | tuple[int, int] = option(512, "training size, or [width, height]", "--resolution")
+    resolution: int | tuple[int, int] = option(512, "training size, or [width, height]", "--resolution",
+                                               most=MAX_SIDE, why=SIDE_WHY)
     buckets: Buckets = option(Buckets, "aspect-ratio buckets", "--enable_bucket …")
     network: Network = option(Network, "the trained network")
     optimizer: Optimizer = option(Optimizer, "the optimizer")
@@ -352,9 +416,7 @@ class RunConfig(Strict):
         if pixels and self.training.cache_latents:
             raise ValueError(f"augment.{pixels[0]} changes the pixels every step, so latents cannot be cached: "
                              "set training.cache_latents to false (or null), or turn the augmentation off")
-        from lorabake import optim
-
-        optim.check_schedule(self.scheduler.type, self.scheduler.warmup, self.optimizer.type, self.optimizer.args)
+        optimizers.check_schedule(self.scheduler.type, self.scheduler.warmup, self.optimizer.type, self.optimizer.args)
         if self.optimizer.type in ("prodigy", "dadapt_adam", "dadapt_lion"):
             opt, weights = self.optimizer, self.network.block_lr_weights or [1.0]
             lrs = {opt.unet_lr or opt.lr, opt.text_encoder_lr or opt.lr} | {(opt.unet_lr or opt.lr) * w for w in weights if w}
@@ -416,12 +478,33 @@ class RunConfig(Strict):
 # ---------------------------------------------------------------- samples, merges, extracts
 
 class Samples(Strict):
-    prompts: list[str] = Field(min_length=1, description="kohya syntax: prompt --n neg --w --h --d seed --l cfg --s steps")
+    prompts: list[str] = Field(min_length=1, description="kohya syntax: prompt --n neg --w --h --d seed --l cfg --s steps; "
+                                                         f"--w and --h are 64 to {MAX_SIDE:,}, the others have the "
+                                                         "bounds of steps, cfg and seed")
     strengths: list[float] = Field([0.0, 0.5, 1.0], min_length=1)
     sampler: Literal["euler_a", "euler", "ddim"] = "euler_a"
-    steps: int = Field(20, ge=1)
-    cfg: float = 7.5
-    seed: int = 42
+    steps: int = option(20, "sampling steps (a prompt's --s overrides it)", ge=1, most=1000,
+                        why="A1111 offers at most 150 steps, and its samplers converge long before")
+    cfg: float = option(7.5, "classifier-free guidance scale (--l overrides it)", least=0.0, most=100.0,
+                        why="A1111's CFG slider stops at 30; far above it images burn out")
+    seed: int = option(42, "seed of every prompt's cells (--d overrides it)", least=0, most=MAX_SEED, why=SEED_WHY)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_parse(cls, prompts: list[str]) -> list[str]:
+        """Each prompt parses, and the options it sets itself are within the bounds of the same keys."""
+        bounds = {"width": SIDE_BOUND, "height": SIDE_BOUND,
+                  **{name: cls.model_fields[name].json_schema_extra["bound"] for name in ("seed", "cfg", "steps")}}
+        for i, line in enumerate(prompts):
+            prompt = parse_prompt(line, PROMPT_CHECK_DEFAULTS)
+            for letter, (name, _) in PROMPT_OPTIONS.items():
+                if name not in bounds:  # --n, the negative prompt
+                    continue
+                try:
+                    check_bounds(getattr(prompt, name), bounds[name])
+                except ValueError as error:
+                    raise ValueError(f"prompt {i} ({line!r}): --{letter} {error}") from None
+        return prompts
 
 
 class MergeLora(Strict):
@@ -450,8 +533,9 @@ class Extract(Strict):
     tuned: str = Field(description="the tuned model: the name of a merge, or a key of bases (e.g. a fine-tuned "
                                    "single-file checkpoint)")
     base: str = "tiny"
-    dim: int = Field(8, ge=1)
-    conv_dim: int | None = Field(None, ge=1, description="rank for 3×3 convolutions (LoCon); none: not extracted")
+    dim: int = option(8, "rank of the extracted LoRA", ge=1, most=MAX_RANK, why=RANK_WHY)
+    conv_dim: int | None = option(None, "rank for 3×3 convolutions (LoCon); none: not extracted", ge=1,
+                                  most=MAX_RANK, why=RANK_WHY)
     clamp_quantile: float | None = Field(0.99, gt=0.0, le=1.0, description="clamp the factors to this quantile "
                                                                             "of their values (kohya's default 0.99)")
     min_diff: float = Field(0.01, ge=0.0, description="text encoders are extracted only if some weight moved more "
@@ -464,8 +548,9 @@ class Resize(Strict):
 
     name: Name
     run: str = Field(description="the run whose final LoRA is resized")
-    rank: int = Field(ge=1, description="new rank (with `dynamic`: the most any module gets)")
-    conv_rank: int | None = Field(None, ge=1, description="new rank of 3×3 convolutions (default: rank)")
+    rank: int = option(..., "new rank (with `dynamic`: the most any module gets)", ge=1, most=MAX_RANK, why=RANK_WHY)
+    conv_rank: int | None = option(None, "new rank of 3×3 convolutions (default: rank)", ge=1, most=MAX_RANK,
+                                   why=RANK_WHY)
     dynamic: Literal["sv_ratio", "sv_fro", "sv_cumulative"] | None = Field(
         None, description="choose each module's rank: σ ≥ σmax / param, Frobenius fraction ≥ param, or Σσ fraction ≥ param")
     dynamic_param: float | None = Field(None, gt=0.0)
@@ -489,10 +574,14 @@ class SvdMerge(Strict):
 
     name: Name
     loras: list[SvdMergeLora] = Field(min_length=1)
-    rank: int = Field(ge=1)
-    conv_rank: int | None = Field(None, ge=1)
+    rank: int = option(..., "rank of the merged LoRA", ge=1, most=MAX_RANK, why=RANK_WHY)
+    conv_rank: int | None = option(None, "rank of 3×3 convolutions (default: rank)", ge=1, most=MAX_RANK,
+                                   why=RANK_WHY)
     clamp_quantile: float | None = Field(None, gt=0.0, le=1.0)
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+
+NAMED_LIST = {"written_as": "list"}  # for docs/options.md: the YAML holds a list of named entries
 
 
 class ProjectFile(Strict):
@@ -500,288 +589,27 @@ class ProjectFile(Strict):
     datasets: dict[Name, DatasetSpec]
     defaults: dict[str, Any] = Field(default_factory=dict)
     samples: Samples | None = None
-    merges: list[Merge] = Field(default_factory=list)
-    extracts: list[Extract] = Field(default_factory=list)
-    resizes: list[Resize] = Field(default_factory=list)
-    svd_merges: list[SvdMerge] = Field(default_factory=list)
+    # Written as lists of entries with a `name` (the YAML stays as users write it), held keyed by name
+    # like bases, so every caller looks an entry up the same way.
+    merges: dict[str, Merge] = Field(default_factory=dict, json_schema_extra=NAMED_LIST)
+    extracts: dict[str, Extract] = Field(default_factory=dict, json_schema_extra=NAMED_LIST)
+    resizes: dict[str, Resize] = Field(default_factory=dict, json_schema_extra=NAMED_LIST)
+    svd_merges: dict[str, SvdMerge] = Field(default_factory=dict, json_schema_extra=NAMED_LIST)
     trainer_version: int = Field(1, description="bump by hand when training semantics change")
 
-
-class Project(BaseModel):
-    """Everything the workflow needs, resolved: paths are absolute, runs are merged with defaults."""
-
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
-
-    root: Path
-    config_file: Path
-    file: ProjectFile
-    runs: dict[str, RunConfig]
-    run_files: dict[str, Path]
-    warnings: tuple[str, ...] = ()
-
-    def dataset_root(self, name: str) -> Path:
-        return self.root / self.file.datasets[name].path
-
-    def base_path(self, name: str) -> Path | None:
-        path = self.file.bases[name].path
-        return None if path is None else self.root / path
-
-    def runs_using(self, dataset: str) -> list[str]:
-        return [name for name, run in self.runs.items() if dataset in run.datasets]
-
-
-# ---------------------------------------------------------------- loading
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """`override` on top of `base`, recursively for nested mappings."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def _has_key(data: Any, loc: tuple) -> bool:
-    for part in loc:
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
-            data = data[part]
-        else:
-            return False
-    return True
-
-
-Source = tuple[Path, dict[str, Any], str]  # file, the data it contributed, key prefix inside it
-
-
-def format_errors(error: ValidationError, sources: list[Source]) -> str:
-    """One line per problem: the file it came from, the dotted key path there, and pydantic's message.
-    The first source that spells the key is blamed (a run file before the defaults under it)."""
-    lines = []
-    for problem in error.errors():
-        loc = tuple(problem["loc"])
-        is_key = loc[-1:] == ("[key]",)  # a mapping's key was refused, not its value
-        if is_key:
-            loc = loc[:-2]
-        path, _, prefix = next((s for s in sources if _has_key(s[1], loc)), sources[0])
-        key = ".".join(str(part) for part in loc) or "(top level)"
-        message = problem["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {prefix}{key}: {'key ' if is_key else ''}{message}")
-    return "\n".join(lines)
-
-
-def _validated(model: type[BaseModel], data: dict[str, Any], sources: list[Source]):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            value = model.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(format_errors(e, sources)) from None
-    return value, [f"{sources[0][0]}: {w.message}" for w in caught]
-
-
-def load_project(config_file: str | Path, runs_dir: str | Path | None = None) -> Project:
-    """Read config.yaml and every runs/*.yaml, validate them and check cross-references."""
-    config_file = Path(config_file).resolve()
-    root = config_file.parent.parent if config_file.parent.name == "configs" else config_file.parent
-    runs_dir = Path(runs_dir).resolve() if runs_dir else config_file.parent / "runs"
-    raw = read_yaml(config_file)
-    project_file, notes = _validated(ProjectFile, raw, [(config_file, raw, "")])
-    runs, run_files = {}, {}
-    for run_file in sorted(runs_dir.glob("*.yaml")):
-        name = run_file.stem
-        if names.name_problem(name):
-            raise ConfigError(f"{run_file}: the run name (the file's name) {names.name_problem(name)}")
-        run_raw = read_yaml(run_file)
-        for point_name, point in expand_sweep(name, run_raw, run_file):
-            if names.name_problem(point_name):
-                raise ConfigError(f"{run_file}: sweep: the run name of a point {names.name_problem(point_name)}; "
-                                  "use shorter or plainer values, or split the sweep")
-            if point_name in runs:
-                raise ConfigError(f"{run_file}: sweep: run name '{point_name}' is also the name of another run")
-            merged = deep_merge(deep_merge(project_file.defaults, run_raw), point)
-            sources = [(run_file, point, "sweep point "), (run_file, run_raw, ""),
-                       (config_file, project_file.defaults, "defaults.")]
-            runs[point_name], run_notes = _validated(RunConfig, merged, sources)
-            run_files[point_name] = run_file
-            notes += run_notes
-    project = Project(root=root, config_file=config_file, file=project_file, runs=runs,
-                      run_files=run_files, warnings=tuple(notes))
-    check_references(project)
-    return project
-
-
-def _nested(dotted: str, value: Any) -> dict[str, Any]:
-    head, _, rest = dotted.partition(".")
-    return {head: _nested(rest, value) if rest else value}
-
-
-def _name_part(value: Any) -> str:
-    text = f"{value:g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
-
-
-def expand_sweep(name: str, run_raw: dict[str, Any], run_file: Path) -> list[tuple[str, dict[str, Any]]]:
-    """`sweep: {network.dim: [4, 8], optimizer.type: [adamw, prodigy]}` → the cartesian product, one run
-    per point, named `{file stem}-{last key part}_{value}-…` (e.g. `style-dim_4-type_prodigy`).
-    Without a sweep the file is one run named after the file. `sweep` is removed from run_raw."""
-    sweep = run_raw.pop("sweep", None)
-    if sweep is None:
-        return [(name, {})]
-    if not isinstance(sweep, dict) or not sweep:
-        raise ConfigError(f"{run_file}: sweep: must be a mapping of dotted keys to lists of values, "
-                          "e.g. {{network.dim: [4, 8]}}")
-    for key, values in sweep.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{run_file}: sweep.{key}: must be a non-empty list of values")
-    points = []
-    for combo in itertools.product(*sweep.values()):
-        point: dict[str, Any] = {}
-        for key, value in zip(sweep, combo):
-            point = deep_merge(point, _nested(key, value))
-        suffix = "-".join(f"{key.rsplit('.', 1)[-1]}_{_name_part(v)}" for key, v in zip(sweep, combo))
-        points.append((f"{name}-{suffix}", point))
-    return points
-
-
-def check_references(project: Project) -> None:
-    """Names that point at other entries must exist; dataset folders must exist."""
-    f = project.file
-    problems = []
-    for name, path in sorted(f.datasets.items()):
-        if not project.dataset_root(name).is_dir():
-            problems.append(f"{project.config_file}: datasets.{name}.path: folder {project.dataset_root(name)} does not exist")
-    for name, run in project.runs.items():
-        where = project.run_files[name]
-        if run.base not in f.bases:
-            problems.append(f"{where}: base: '{run.base}' is not a key of bases in {project.config_file.name} ({sorted(f.bases)})")
-        problems += _check_init_weights(project, name)
-        for ds in run.datasets:
-            if ds not in f.datasets:
-                problems.append(f"{where}: datasets: '{ds}' is not a key of datasets in {project.config_file.name} ({sorted(f.datasets)})")
-    architectures = {}
-    for name in sorted(f.bases):
-        base_problems, architectures[name] = _check_base(project, name)
-        problems += base_problems
-    for name, run in project.runs.items():
-        problems += [f"{project.run_files[name]}: {p} (base {run.base} is {architectures[run.base]})"
-                     for p in run.unsupported_on(architectures.get(run.base, ""))]
-    merge_names = [m.name for m in f.merges]
-    for i, merge in enumerate(f.merges):
-        if merge.base not in f.bases:
-            problems.append(f"{project.config_file}: merges.{i}.base: '{merge.base}' is not a key of bases")
-        for j, lora in enumerate(merge.loras):
-            if lora.block_weights is not None and architectures.get(merge.base) == "sdxl":
-                problems.append(f"{project.config_file}: merges.{i}.loras.{j}.block_weights: the 25-block vocabulary "
-                                f"is SD1/SD2's; base {merge.base} is SDXL (give a ratio only)")
-            if lora.run not in project.runs:
-                problems.append(f"{project.config_file}: merges.{i}.loras.{j}.run: no run named '{lora.run}' in {project.config_file.parent / 'runs'}")
-    for i, extract in enumerate(f.extracts):
-        if extract.tuned not in merge_names and extract.tuned not in f.bases:
-            problems.append(f"{project.config_file}: extracts.{i}.tuned: '{extract.tuned}' is neither a merge "
-                            f"({merge_names}) nor a key of bases ({sorted(f.bases)})")
-        if extract.base not in f.bases:
-            problems.append(f"{project.config_file}: extracts.{i}.base: '{extract.base}' is not a key of bases")
-    for kind, entries in (("resizes", f.resizes), ("svd_merges", f.svd_merges)):
+    @field_validator("merges", "extracts", "resizes", "svd_merges", mode="before")
+    @classmethod
+    def _keyed_by_name(cls, entries: Any) -> dict[str, Any]:
+        if not isinstance(entries, list):
+            raise ValueError("must be a list of entries, each with a `name`")
+        keyed: dict[str, Any] = {}
         for i, entry in enumerate(entries):
-            runs = [entry.run] if kind == "resizes" else [lora.run for lora in entry.loras]
-            problems += [f"{project.config_file}: {kind}.{i}: no run named '{run}' in {project.config_file.parent / 'runs'}"
-                         for run in runs if run not in project.runs]
-    for kind, names in (("merges", merge_names), ("extracts", [e.name for e in f.extracts]),
-                        ("resizes", [r.name for r in f.resizes]), ("svd_merges", [m.name for m in f.svd_merges])):
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        if duplicated:
-            problems.append(f"{project.config_file}: {kind}: names used twice: {duplicated}")
-    if problems:
-        raise ConfigError("\n".join(problems))
-
-
-def _check_base(project: Project, name: str) -> tuple[list[str], str]:
-    """(problems, architecture) of a base: a path base must exist, a pickle needs the opt-in, and a
-    safetensors file must have a sound header of a Stable Diffusion checkpoint — all before any job."""
-    path, spec = project.base_path(name), project.file.bases[name]
-    where = f"{project.config_file}: bases.{name}.path"
-    if path is not None and not path.exists():
-        return [f"{where}: {path} does not exist (a diffusers folder or a .safetensors file; relative paths "
-                "start at the project root)"], ""
-    if path is not None and path.suffix.lower() in PICKLE_SUFFIXES and not spec.allow_pickle:
-        return [f"{where}: {path} is a pickled checkpoint, and loading a pickle can run arbitrary code. "
-                f"Convert it to .safetensors, or, if you trust its source, set `allow_pickle: true` under "
-                f"bases.{name} in {project.config_file.name} (pickles are then read with torch's "
-                "restricted loader, which refuses files that need more than tensors)"], ""
-    try:
-        return [], _architecture(project, name)
-    except HeaderError as e:
-        return [f"{where}: {e}"], ""
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a diffusers folder's components (one level down)."""
-    return sorted(p for p in folder.glob("*/*.safetensors") if p.is_file())
-
-
-def _architecture(project: Project, name: str) -> str:
-    """sd1 | sd2 | sdxl, from the builtin's name, a folder's configs or a checkpoint's header; ""
-    for a pickle (only the base_model job can read it). HeaderError when the file is unusable."""
-    spec = project.file.bases[name]
-    if spec.builtin is not None:
-        return BUILTIN_ARCHITECTURES[spec.builtin]
-    path = project.base_path(name)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return ""
-    if path.is_dir():
-        for weights in _weight_files(path):
-            checkpoint_header.read_header(weights)
-        return checkpoint_header.folder_architecture(path)
-    arch = checkpoint_header.architecture_of(checkpoint_header.read_header(path).shapes)
-    if arch is None:
-        raise HeaderError(f"{path}: not a Stable Diffusion 1/2/XL checkpoint in the original single-file "
-                          f"layout (looked for keys starting with {checkpoint_header.describe_markers()}); "
-                          "a diffusers folder can be given as `path:` instead")
-    return arch
-
-
-def _check_init_weights(project: Project, run: str) -> list[str]:
-    """network.init_weights must be a kohya-keyed safetensors network file whose ranks fit the run."""
-    network, where = project.runs[run].network, f"{project.run_files[run]}: network.init_weights"
-    if network.init_weights is None:
-        return []
-    path = project.root / network.init_weights
-    if not path.is_file():
-        return [f"{where}: file {path} does not exist (paths are relative to the project root)"]
-    if path.suffix.lower() != ".safetensors":
-        return [f"{where}: {path} is not a .safetensors file; a LoRA to continue from is read with safetensors "
-                "only (convert a pickled one first)"]
-    try:
-        shapes = checkpoint_header.read_header(path).shapes
-    except HeaderError as e:
-        return [f"{where}: {e}"]
-    foreign = sorted(k for k in shapes if not k.startswith(checkpoint_header.NETWORK_PREFIXES))
-    if not shapes or foreign:
-        return [f"{where}: {path} is not a LoRA/LyCORIS file in kohya's key layout (keys "
-                f"{', '.join(checkpoint_header.NETWORK_PREFIXES)}…); e.g. {foreign[:3] or 'no keys at all'}"]
-    if network.algo in ("lora", "locon") and network.block_dims is None:
-        allowed = {network.dim, network.conv_dim or network.dim}
-        ranks = sorted({shape[0] for key, shape in shapes.items() if key.endswith(".lora_down.weight")})
-        if not ranks or not set(ranks) <= allowed:
-            return [f"{where}: {path} has ranks {ranks or 'none (no lora_down weights)'}, but this run trains "
-                    f"algo {network.algo} with dim {network.dim}" + (f", conv_dim {network.conv_dim}" if network.conv_dim else "")
-                    + ": set network.dim (and conv_dim) to the file's, or start without init_weights"]
-    return []
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if name is None:
+                raise ValueError(f"entry {i} has no `name`")
+            if names.name_problem(name):
+                raise ValueError(f"entry {i}: name {names.name_problem(name)}")
+            if name in keyed:
+                raise ValueError(f"entry {i}: the name {name!r} is used twice")
+            keyed[name] = entry
+        return keyed

@@ -81,9 +81,13 @@ def field_rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str,
     rows = []
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
-        kohya = (info.json_schema_extra or {}).get("kohya", "") if isinstance(info.json_schema_extra, dict) else ""
-        rows.append((key, type_name(info.annotation), default_text(info), info.description or "", kohya))
-        child = nested_model(info.annotation, key)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        annotation = info.annotation
+        if extra.get("written_as") == "list":  # held keyed by name, written as a list of named entries
+            annotation = list[typing.get_args(annotation)[1]]
+        default = "`[]`" if extra.get("written_as") == "list" else default_text(info)
+        rows.append((key, type_name(annotation), default, info.description or "", extra.get("kohya", "")))
+        child = nested_model(annotation, key)
         if child is not None:
             rows += field_rows(*child)
     return rows

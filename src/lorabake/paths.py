@@ -1,14 +1,25 @@
 """Artifact paths: the contract of DESIGN's table, in one place for the Snakefile and the CLI.
 
 Every name that goes into a path passes `names.safe_name` here, whatever checked it before: a path
-under results/ cannot be steered outside it by a config key.
+under results/ cannot be steered outside it by a config key. A Snakemake wildcard (`"{run}"`) is
+let through as it is, so the rules' `output:` patterns come from the same functions.
 """
 from __future__ import annotations
 
-from lorabake.buckets import BucketSpec
-from lorabake.names import safe_name
+import re
+
+from lorabake.data.buckets import BucketSpec
+from lorabake import names
+
+WILDCARD = re.compile(r"\{[A-Za-z_]\w*\}")
+
+
+def safe_name(name: str) -> str:
+    """A checked name, or a Snakemake wildcard placeholder."""
+    return name if WILDCARD.fullmatch(name) else names.safe_name(name)
 
 RESULTS = "results"
+LOGS = "logs"
 
 
 def base_dir(base: str) -> str:
@@ -25,12 +36,24 @@ def base_json(base: str) -> str:
 
 
 def scan_cache(dataset: str) -> str:
-    """What the parse-time dataset scan remembers per file (lorabake.scan_cache)."""
+    """What the parse-time dataset scan remembers per file (lorabake.data.scan_cache)."""
     return f"{RESULTS}/cache/scan/{safe_name(dataset)}.json"
 
 
+def dataset_dir(dataset: str) -> str:
+    return f"{RESULTS}/datasets/{safe_name(dataset)}"
+
+
 def dataset_report(dataset: str) -> str:
-    return f"{RESULTS}/datasets/{safe_name(dataset)}/report.json"
+    return f"{dataset_dir(dataset)}/report.json"
+
+
+def dataset_report_md(dataset: str) -> str:
+    return f"{dataset_dir(dataset)}/report.md"
+
+
+def bucket_plot(dataset: str) -> str:
+    return f"{dataset_dir(dataset)}/buckets.png"
 
 
 def geometry(spec: BucketSpec) -> str:
@@ -63,12 +86,20 @@ def run_lora(run: str) -> str:
     return f"{run_dir(run)}/{run}.safetensors"
 
 
+def epochs_dir(run: str) -> str:
+    return f"{run_dir(run)}/epochs"
+
+
 def epoch_lora(run: str, epoch: int) -> str:
-    return f"{run_dir(run)}/epochs/{run}-e{epoch:04d}.safetensors"
+    return f"{epochs_dir(run)}/{run}-e{epoch:04d}.safetensors"
+
+
+def steps_dir(run: str) -> str:
+    return f"{run_dir(run)}/steps"
 
 
 def step_lora(run: str, step: int) -> str:
-    return f"{run_dir(run)}/steps/{run}-s{step:06d}.safetensors"
+    return f"{steps_dir(run)}/{run}-s{step:06d}.safetensors"
 
 
 def state_root(run: str) -> str:
@@ -97,6 +128,11 @@ def sample_grid(run: str) -> str:
     return f"{run_dir(run)}/grid.png"
 
 
+def sample_dir(run: str) -> str:
+    """Every cell of the grid as its own image."""
+    return f"{run_dir(run)}/samples"
+
+
 def merged(name: str) -> str:
     return f"{RESULTS}/merged/{safe_name(name)}.safetensors"
 
@@ -119,3 +155,8 @@ def resize_report(name: str) -> str:
 
 def svd_merged(name: str) -> str:
     return f"{RESULTS}/svd-merged/{safe_name(name)}.safetensors"
+
+
+def job_log(rule: str, *keys: str) -> str:
+    """A job's log, `logs/<rule>/<wildcard values>.log`: what `lorabake <stage>` printed."""
+    return f"{LOGS}/{safe_name(rule)}/" + "/".join(safe_name(key) for key in keys) + ".log"

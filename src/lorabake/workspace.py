@@ -10,10 +10,12 @@ from functools import cached_property
 from pathlib import Path
 
 from lorabake import paths, store
-from lorabake.buckets import BucketSpec
-from lorabake.config import Project, RunConfig, load_project
-from lorabake.scan_cache import image_sha256
-from lorabake.dataset import Dataset, caption_digest, scan_dataset
+from lorabake.data.buckets import BucketSpec
+from lorabake.checks import check_project
+from lorabake.config import MAX_STEPS, STEPS_WHY, ConfigError, RunConfig
+from lorabake.project import Project, load_project
+from lorabake.data.scan_cache import image_sha256
+from lorabake.data.dataset import Dataset, caption_digest, scan_dataset
 from lorabake.train.plan import TrainingPlan, kept_epochs, plan_training
 
 TRAINER_VERSION = 2  # bump when training semantics change: every run retrains
@@ -40,7 +42,8 @@ class Workspace:
 
     @classmethod
     def load(cls, config_file: str | Path = "configs/config.yaml") -> "Workspace":
-        return cls(load_project(config_file))
+        """The project, its cross-references and the files it names checked (lorabake.checks)."""
+        return cls(check_project(load_project(config_file)))
 
     # ------------------------------------------------------------ datasets
     def dataset(self, name: str, caption_extension: str = ".txt") -> Dataset:
@@ -103,8 +106,16 @@ class Workspace:
         return self.project.runs[name]
 
     def plan(self, run: str) -> TrainingPlan:
+        """The run's steps and epochs; a plan past MAX_STEPS (known only once the datasets are
+        scanned) is a ConfigError, as an absurd max_steps is."""
         if run not in self._plans:
-            self._plans[run] = plan_training(self.run(run), self.run_datasets(run))
+            plan = plan_training(self.run(run), self.run_datasets(run))
+            if plan.total_steps > MAX_STEPS:
+                raise ConfigError(
+                    f"{self.project.run_files[run]}: training.epochs: run {run} plans {plan.epochs:,} epochs × "
+                    f"{plan.steps_per_epoch:,} steps = {plan.total_steps:,} steps, more than {MAX_STEPS:,}, the most "
+                    f"lorabake accepts: {STEPS_WHY}; lower training.epochs or set training.max_steps")
+            self._plans[run] = plan
         return self._plans[run]
 
     def epoch_files(self, run: str) -> list[str]:
@@ -119,6 +130,18 @@ class Workspace:
         return {"config": store.digest(resolved), "captions": self.caption_digests(run),
                 "images": {} if self.run(run).caches_latents else {ds: self.image_digest(ds) for ds in self.run(run).datasets},
                 "trainer_version": TRAINER_VERSION * 1000 + self.project.file.trainer_version}
+
+    def report_runs(self, dataset: str) -> dict[str, dict]:
+        """Each run using the dataset: its settings and the steps its own training plan counts (over
+        all of the run's datasets, with the run's own bucket spec)."""
+        runs = {}
+        for run in self.project.runs_using(dataset):
+            cfg, plan = self.run(run), self.plan(run)
+            runs[run] = {"batch_size": cfg.global_batch, "grad_accum": cfg.training.grad_accum,
+                         "epochs": cfg.training.epochs, "max_steps": cfg.training.max_steps,
+                         "buckets": str(cfg.bucket_spec()), "datasets": list(cfg.datasets),
+                         "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps}
+        return runs
 
     def report_params(self, dataset: str) -> dict:
         runs = {run: {"spec": str(self.run(run).bucket_spec()), "plan": str(self.plan(run))}

@@ -1,14 +1,17 @@
 rule base_model:
     output:
-        json="results/base/{base}/base.json",
+        json=paths.base_json("{base}"),
     params:
-        spec=lambda w: WS.base_params(w.base),
+        spec=get_base_params,
+        cli=LORABAKE,
     log:
-        "logs/base_model/{base}.log",
+        paths.job_log("base_model", "{base}"),
     threads: 1
     resources:
         gpu=0,
         mem_mb=4000,
         runtime=30,
+    conda:
+        CONDA_ENV
     shell:
-        "{LORABAKE} base --base {wildcards.base} > {log} 2>&1"
+        "{params.cli} base --base {wildcards.base} > {log} 2>&1"

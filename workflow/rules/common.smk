@@ -1,30 +1,56 @@
 # Config loading and input functions. All logic lives in the lorabake package; these only ask it.
 import os
+import shlex
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 
 from lorabake import paths
 from lorabake.config import ConfigError
-from lorabake.dataset import DatasetError
+from lorabake.data.dataset import DatasetError
 from lorabake.workspace import Workspace
 
-# Rules call the `lorabake` command of the Python that runs Snakemake (a venv needs no activation).
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-
-PROJECT = config.get("project", "configs/config.yaml")
-LORABAKE = f"lorabake --config {PROJECT}"
+# `--config project=…` is relative to where snakemake starts (`workdir:` below has not moved yet).
+PROJECT = Path(config.get("project", "configs/config.yaml")).resolve()
 
 try:
     WS = Workspace.load(PROJECT)
     for _ds in WS.project.file.datasets:
         WS.dataset(_ds)  # every dataset is checked before any job runs
     for _run in WS.project.runs:
-        WS.run_datasets(_run)
+        WS.plan(_run)  # and every run's step count is within bounds
 except (ConfigError, DatasetError) as error:
     raise WorkflowError(f"lorabake: {error}") from None
 for _warning in WS.project.warnings:
     print(f"lorabake: warning: {_warning}", file=sys.stderr)
+
+
+# Jobs run in the project root (the folder above configs/): the rules' relative paths, and the
+# results/ of the `lorabake` commands they run, land in that project wherever snakemake starts.
+workdir: WS.project.root
+
+
+# What every rule runs on. With `--sdm conda` (clusters) a job runs in this env and its `lorabake`.
+CONDA_ENV = "../envs/lorabake.yaml"
+
+
+def lorabake_cli():
+    """The command every rule's shell starts with: `lorabake --config <project config>`.
+
+    It is a param (a rerun trigger), so it names neither the venv nor the project's location (the
+    config is relative to where jobs run, the project root): a copied or moved project, or a new
+    venv, does not rebuild. Without conda, the `lorabake` found is the one beside the Python that
+    runs Snakemake (a venv needs no activation): its folder goes first on the jobs' PATH.
+    """
+    settings = workflow.deployment_settings
+    if settings is None or DeploymentMethod.CONDA not in settings.deployment_method:
+        shell.prefix(f"set -euo pipefail; export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; ")
+    return f"lorabake --config {shlex.quote(os.path.relpath(WS.project.config_file))}"
+
+
+LORABAKE = lorabake_cli()
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 
@@ -45,16 +71,25 @@ def get_all_targets():
         targets += [paths.run_lora(run), paths.loss_plot(run)]
         if f.samples is not None:
             targets.append(paths.sample_grid(run))
-    targets += [paths.merged(m.name) for m in f.merges]
-    targets += [paths.merged_diffusers(m.name) for m in f.merges if m.diffusers]
-    targets += [paths.extracted(e.name) for e in f.extracts]
-    targets += [paths.resized(r.name) for r in f.resizes]
-    targets += [paths.svd_merged(m.name) for m in f.svd_merges]
+    targets += [paths.merged(name) for name in f.merges]
+    targets += [paths.merged_diffusers(name) for name, merge in f.merges.items() if merge.diffusers]
+    targets += [paths.extracted(name) for name in f.extracts]
+    targets += [paths.resized(name) for name in f.resizes]
+    targets += [paths.svd_merged(name) for name in f.svd_merges]
     return targets
+
+
+# ---------------------------------------------------------------- bases and datasets
+def get_base_params(wildcards):
+    return WS.base_params(wildcards.base)
 
 
 def get_image_digest(wildcards):
     return WS.image_digest(wildcards.ds)
+
+
+def get_report_params(wildcards):
+    return WS.report_params(wildcards.ds)
 
 
 def get_latent_base(wildcards):
@@ -64,10 +99,17 @@ def get_latent_base(wildcards):
     return paths.base_json(job.base)
 
 
+def get_latent_gpu(wildcards):
+    """One GPU for encoding when any run using this cache trains on GPUs; none otherwise."""
+    users = [run for run, cfg in WS.project.runs.items()
+             if wildcards.ds in cfg.datasets and WS.latent_job(run, wildcards.ds).name == wildcards.spec]
+    return min(1, max((WS.run(run).resources.gpu for run in users), default=0))
+
+
+# ---------------------------------------------------------------- training and samples
 def get_train_inputs(wildcards):
     run = WS.run(wildcards.run)
-    inputs = {"base": paths.base_json(run.base), "latents": list(WS.latent_indexes(wildcards.run).values()),
-}
+    inputs = {"base": paths.base_json(run.base), "latents": list(WS.latent_indexes(wildcards.run).values())}
     if run.network.init_weights:
         inputs["init_weights"] = run.network.init_weights
     return inputs
@@ -77,8 +119,24 @@ def get_train_params(wildcards):
     return WS.train_params(wildcards.run)
 
 
-def get_report_params(wildcards):
-    return WS.report_params(wildcards.ds)
+def get_train_threads(wildcards):
+    return WS.run(wildcards.run).resources.threads
+
+
+def get_train_gpu(wildcards):
+    return WS.run(wildcards.run).resources.gpu
+
+
+def get_train_mem_mb(wildcards):
+    return WS.run(wildcards.run).resources.mem_mb
+
+
+def get_train_runtime(wildcards):
+    return WS.run(wildcards.run).resources.runtime
+
+
+def get_run_base(wildcards):
+    return paths.base_json(WS.run(wildcards.run).base)
 
 
 def get_sample_params(wildcards):
@@ -86,12 +144,18 @@ def get_sample_params(wildcards):
     return {"samples": samples.model_dump(mode="json"), "size": list(WS.run(wildcards.run).size)}
 
 
-def get_run_base(wildcards):
-    return paths.base_json(WS.run(wildcards.run).base)
+def get_sample_gpu(wildcards):
+    """Sampling needs one GPU at most, even for a run that trains on several."""
+    return min(1, WS.run(wildcards.run).resources.gpu)
 
 
+# ---------------------------------------------------------------- merges, extractions, LoRA tools
 def get_merge(wildcards):
-    return next(m for m in WS.project.file.merges if m.name == wildcards.name)
+    return WS.project.file.merges[wildcards.name]
+
+
+def get_merge_spec(wildcards):
+    return get_merge(wildcards).model_dump(mode="json")
 
 
 def get_merge_inputs(wildcards):
@@ -100,7 +164,11 @@ def get_merge_inputs(wildcards):
 
 
 def get_extract(wildcards):
-    return next(e for e in WS.project.file.extracts if e.name == wildcards.name)
+    return WS.project.file.extracts[wildcards.name]
+
+
+def get_extract_spec(wildcards):
+    return get_extract(wildcards).model_dump(mode="json")
 
 
 def get_extract_inputs(wildcards):
@@ -115,20 +183,25 @@ def get_tuned_checkpoint(tuned):
     return paths.merged(tuned)
 
 
-def get_train_threads(wildcards):
-    return WS.run(wildcards.run).resources.threads
-
-
-def get_latent_gpu(wildcards):
-    """One GPU for encoding when any run using this cache trains on GPUs; none otherwise."""
-    users = [run for run, cfg in WS.project.runs.items()
-             if wildcards.ds in cfg.datasets and WS.latent_job(run, wildcards.ds).name == wildcards.spec]
-    return min(1, max((WS.run(run).resources.gpu for run in users), default=0))
-
-
 def get_resize(wildcards):
-    return next(r for r in WS.project.file.resizes if r.name == wildcards.name)
+    return WS.project.file.resizes[wildcards.name]
+
+
+def get_resize_spec(wildcards):
+    return get_resize(wildcards).model_dump(mode="json")
+
+
+def get_resize_input(wildcards):
+    return paths.run_lora(get_resize(wildcards).run)
 
 
 def get_svd_merge(wildcards):
-    return next(m for m in WS.project.file.svd_merges if m.name == wildcards.name)
+    return WS.project.file.svd_merges[wildcards.name]
+
+
+def get_svd_merge_spec(wildcards):
+    return get_svd_merge(wildcards).model_dump(mode="json")
+
+
+def get_svd_merge_inputs(wildcards):
+    return [paths.run_lora(lora.run) for lora in get_svd_merge(wildcards).loras]

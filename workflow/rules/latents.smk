@@ -3,15 +3,18 @@ rule cache_latents:
     input:
         base=get_latent_base,
     output:
-        index="results/latents/{ds}/{spec}/index.json",
+        index=paths.latent_index("{ds}", "{spec}"),
     params:
         images=get_image_digest,
+        cli=LORABAKE,
     log:
-        "logs/cache_latents/{ds}/{spec}.log",
+        paths.job_log("cache_latents", "{ds}", "{spec}"),
     threads: 1
     resources:
         gpu=get_latent_gpu,
         mem_mb=8000,
         runtime=60,
+    conda:
+        CONDA_ENV
     shell:
-        "{LORABAKE} cache-latents --dataset {wildcards.ds} --spec {wildcards.spec} > {log} 2>&1"
+        "{params.cli} cache-latents --dataset {wildcards.ds} --spec {wildcards.spec} > {log} 2>&1"

@@ -2,86 +2,102 @@ rule merge:
     input:
         unpack(get_merge_inputs),
     output:
-        checkpoint="results/merged/{name}.safetensors",
+        checkpoint=paths.merged("{name}"),
     params:
-        spec=lambda w: get_merge(w).model_dump(mode="json"),
+        spec=get_merge_spec,
+        cli=LORABAKE,
     log:
-        "logs/merge/{name}.log",
+        paths.job_log("merge", "{name}"),
     threads: 1
     resources:
         gpu=0,
         mem_mb=8000,
         runtime=30,
+    conda:
+        CONDA_ENV
     shell:
-        "{LORABAKE} merge --name {wildcards.name} > {log} 2>&1"
+        "{params.cli} merge --name {wildcards.name} > {log} 2>&1"
 
 
 rule extract:
     input:
         unpack(get_extract_inputs),
     output:
-        lora="results/extracted/{name}.safetensors",
+        lora=paths.extracted("{name}"),
     params:
-        spec=lambda w: get_extract(w).model_dump(mode="json"),
+        spec=get_extract_spec,
+        cli=LORABAKE,
     log:
-        "logs/extract/{name}.log",
+        paths.job_log("extract", "{name}"),
     threads: 1
     resources:
         gpu=0,
         mem_mb=8000,
         runtime=30,
+    conda:
+        CONDA_ENV
     shell:
-        "{LORABAKE} extract --name {wildcards.name} > {log} 2>&1"
+        "{params.cli} extract --name {wildcards.name} > {log} 2>&1"
 
 
 rule merge_diffusers:
     input:
-        checkpoint="results/merged/{name}.safetensors",
+        checkpoint=paths.merged("{name}"),
     output:
-        folder=directory("results/merged/{name}.diffusers"),
+        folder=directory(paths.merged_diffusers("{name}")),
+    params:
+        cli=LORABAKE,
     log:
-        "logs/merge_diffusers/{name}.log",
+        paths.job_log("merge_diffusers", "{name}"),
     threads: 1
     resources:
         gpu=0,
         mem_mb=8000,
         runtime=30,
+    conda:
+        CONDA_ENV
     shell:
-        "{LORABAKE} merge-diffusers --name {wildcards.name} > {log} 2>&1"
+        "{params.cli} merge-diffusers --name {wildcards.name} > {log} 2>&1"
 
 
 rule resize:
     input:
-        lora=lambda w: paths.run_lora(get_resize(w).run),
+        lora=get_resize_input,
     output:
-        lora="results/resized/{name}.safetensors",
-        report="results/resized/{name}.json",
+        lora=paths.resized("{name}"),
+        report=paths.resize_report("{name}"),
     params:
-        spec=lambda w: get_resize(w).model_dump(mode="json"),
+        spec=get_resize_spec,
+        cli=LORABAKE,
     log:
-        "logs/resize/{name}.log",
+        paths.job_log("resize", "{name}"),
     threads: 1
     resources:
         gpu=0,
         mem_mb=4000,
         runtime=30,
+    conda:
+        CONDA_ENV
     shell:
-        "{LORABAKE} resize --name {wildcards.name} > {log} 2>&1"
+        "{params.cli} resize --name {wildcards.name} > {log} 2>&1"
 
 
 rule svd_merge:
     input:
-        loras=lambda w: [paths.run_lora(lora.run) for lora in get_svd_merge(w).loras],
+        loras=get_svd_merge_inputs,
     output:
-        lora="results/svd-merged/{name}.safetensors",
+        lora=paths.svd_merged("{name}"),
     params:
-        spec=lambda w: get_svd_merge(w).model_dump(mode="json"),
+        spec=get_svd_merge_spec,
+        cli=LORABAKE,
     log:
-        "logs/svd_merge/{name}.log",
+        paths.job_log("svd_merge", "{name}"),
     threads: 1
     resources:
         gpu=0,
         mem_mb=4000,
         runtime=30,
+    conda:
+        CONDA_ENV
     shell:
-        "{LORABAKE} svd-merge --name {wildcards.name} > {log} 2>&1"
+        "{params.cli} svd-merge --name {wildcards.name} > {log} 2>&1"

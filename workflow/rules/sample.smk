@@ -1,19 +1,22 @@
 rule sample_grid:
     input:
-        lora="results/runs/{run}/{run}.safetensors",
-        epochs="results/runs/{run}/epochs",
+        lora=paths.run_lora("{run}"),
+        epochs=paths.epochs_dir("{run}"),
         base=get_run_base,
     output:
-        grid=report("results/runs/{run}/grid.png", caption="../report/grid.rst", category="Samples"),
-        samples=directory("results/runs/{run}/samples"),
+        grid=report(paths.sample_grid("{run}"), caption="../report/grid.rst", category="Samples"),
+        samples=directory(paths.sample_dir("{run}")),
     params:
         samples=get_sample_params,
+        cli=LORABAKE,
     log:
-        "logs/sample_grid/{run}.log",
+        paths.job_log("sample_grid", "{run}"),
     threads: 1
     resources:
-        gpu=lambda w: min(1, WS.run(w.run).resources.gpu),
+        gpu=get_sample_gpu,
         mem_mb=8000,
         runtime=60,
+    conda:
+        CONDA_ENV
     shell:
-        "{LORABAKE} sample --run {wildcards.run} > {log} 2>&1"
+        "{params.cli} sample --run {wildcards.run} > {log} 2>&1"

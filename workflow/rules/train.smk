@@ -4,20 +4,23 @@ rule train:
     input:
         unpack(get_train_inputs),
     output:
-        lora="results/runs/{run}/{run}.safetensors",
-        epochs=directory("results/runs/{run}/epochs"),
-        steps=directory("results/runs/{run}/steps"),
-        log="results/runs/{run}/train.jsonl",
-        plot=report("results/runs/{run}/loss.png", caption="../report/loss.rst", category="Training"),
-        config="results/runs/{run}/config.json",
+        lora=paths.run_lora("{run}"),
+        epochs=directory(paths.epochs_dir("{run}")),
+        steps=directory(paths.steps_dir("{run}")),
+        log=paths.train_log("{run}"),
+        plot=report(paths.loss_plot("{run}"), caption="../report/loss.rst", category="Training"),
+        config=paths.run_config("{run}"),
     params:
         digest=get_train_params,
+        cli=LORABAKE,
     log:
-        "logs/train/{run}.log",
+        paths.job_log("train", "{run}"),
     threads: get_train_threads
     resources:
-        gpu=lambda w: WS.run(w.run).resources.gpu,
-        mem_mb=lambda w: WS.run(w.run).resources.mem_mb,
-        runtime=lambda w: WS.run(w.run).resources.runtime,
+        gpu=get_train_gpu,
+        mem_mb=get_train_mem_mb,
+        runtime=get_train_runtime,
+    conda:
+        CONDA_ENV
     shell:
-        "{LORABAKE} train --run {wildcards.run} > {log} 2>&1"
+        "{params.cli} train --run {wildcards.run} > {log} 2>&1"

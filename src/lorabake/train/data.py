@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from lorabake import buckets, latents
+from lorabake.data import buckets, latents
 from lorabake.config import RunConfig
 from lorabake.train.plan import Entry
 

@@ -2,7 +2,7 @@
 
 Latents come from the content-addressed cache (or the VAE, when augmentation changes pixels),
 captions from the dataset folders, the network from lycoris-lora, optimizers and schedules from
-`lorabake.optim`, losses and noise from `losses`, device placement and autocast from accelerate.
+`lorabake.train.optim`, losses and noise from `losses`, device placement and autocast from accelerate.
 
 Every random choice of a step (batch order of its epoch, flips, caption shuffles, noise, timesteps,
 dropout) derives from (seed, epoch) or (seed, step) alone. So a run resumed from a saved state draws
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,13 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from lorabake import lora_format, models, network, optim, paths, pivotal, plots, store
+from lorabake import paths, store
+from lorabake.models import bases, lora_format, network
+from lorabake.render import plots
+from lorabake import optimizers
+from lorabake.train import optim, pivotal
 from lorabake.config import ConfigError, RunConfig
-from lorabake.dataset import Dataset
+from lorabake.data.dataset import Dataset
 from lorabake.train import captions, losses, state
 from lorabake.train.data import CachedLatents, PixelLatents
 from lorabake.train.plan import Entry, TrainingPlan, batches, epoch_entries, plan_training, saved_epochs
@@ -46,7 +51,7 @@ class Session:
 
     inputs: RunInputs
     plan: TrainingPlan
-    base: models.Base
+    base: bases.Base
     net: object                          # lycoris LycorisNetworkKohya
     embeddings: torch.nn.Parameter | None  # pivotal-tuning vectors
     optimizer: torch.optim.Optimizer
@@ -69,6 +74,38 @@ class Session:
         return self.accelerator.is_main_process
 
 
+# ---------------------------------------------------------------- the run
+
+def train(inputs: RunInputs) -> list[dict]:
+    """Train one run and write its files; returns the per-step records of train.jsonl.
+
+    Build the models, network, optimizer and schedule; continue after the newest saved state, if
+    any; then for each optimizer step, accumulate the micro-batches' loss, step, and save what is
+    due. The final LoRA, the embeddings and the logs are written by the main process only."""
+    s = setup(inputs)
+    start = resume(s)
+    entries = epoch_entries(s.run, inputs.datasets)
+    progress = tqdm(total=s.plan.total_steps, initial=start, desc=f"train {inputs.name}", unit="step",
+                    disable=not s.is_main)
+    for epoch, step, micro_batches in step_schedule(s.run, entries, s.plan):
+        if step <= start:
+            continue
+        record = train_step(s, epoch, step, micro_batches)
+        s.records.append(record)
+        progress.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}")
+        progress.update()
+        if s.is_main:  # every process holds the same weights; one writes them
+            save_due(s, epoch, step)
+    progress.close()
+    if s.is_main:
+        if s.embeddings is not None:
+            save_embeddings(s)
+        save_checkpoint(s, s.plan.epochs, s.plan.total_steps, paths.run_lora(inputs.name))
+        write_logs(inputs.name, s.records, s.plan, inputs.root)
+    s.accelerator.wait_for_everyone()
+    return s.records
+
+
 # ---------------------------------------------------------------- set-up
 
 def setup(inputs: RunInputs) -> Session:
@@ -87,7 +124,7 @@ def setup(inputs: RunInputs) -> Session:
         raise ConfigError(f"run {inputs.name}: training.mixed_precision fp16 needs a CUDA device, "
                           f"this one is {accelerator.device.type}; use bf16 (or no) here")
     parts = ("unet", "text_encoder") if run.caches_latents else ("unet", "text_encoder", "vae")
-    base = models.load_base(inputs.base_dir, parts=parts)
+    base = bases.load_base(inputs.base_dir, parts=parts)
     check_architecture(inputs.name, run, base.arch)
     configure_models(base, run)
     # New pivotal tokens first: the network then wraps a text encoder that already knows them.
@@ -117,7 +154,7 @@ def check_architecture(name: str, run: RunConfig, arch: str) -> None:
         raise ConfigError(f"run {name} (base {run.base}, {arch}): " + "; ".join(problems))
 
 
-def configure_models(base: models.Base, run: RunConfig) -> None:
+def configure_models(base: bases.Base, run: RunConfig) -> None:
     """Frozen base weights; attention kernel and gradient checkpointing as configured."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
@@ -235,7 +272,7 @@ def micro_batch_loss(s: Session, batch: list[Entry], epoch: int, step: int,
     return loss if s.world == 1 else loss * (len(texts) / len(batch))
 
 
-def conditioning(base: models.Base, run: RunConfig, texts: list[str], sizes: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+def conditioning(base: bases.Base, run: RunConfig, texts: list[str], sizes: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
     """What the UNet is conditioned on: the captions' hidden states, and for SDXL also the pooled
     caption embedding and the six size numbers per image (`added_cond_kwargs`)."""
     options = dict(max_token_length=run.training.max_token_length, weighted=run.captions.weighted)
@@ -301,32 +338,7 @@ def train_step(s: Session, epoch: int, step: int, micro_batches: list[list[Entry
     return record
 
 
-# ---------------------------------------------------------------- the run
-
-def train(inputs: RunInputs) -> list[dict]:
-    s = setup(inputs)
-    start = resume(s)
-    entries = epoch_entries(s.run, inputs.datasets)
-    progress = tqdm(total=s.plan.total_steps, initial=start, desc=f"train {inputs.name}", unit="step",
-                    disable=not s.is_main)
-    for epoch, step, micro_batches in step_schedule(s.run, entries, s.plan):
-        if step <= start:
-            continue
-        record = train_step(s, epoch, step, micro_batches)
-        s.records.append(record)
-        progress.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}")
-        progress.update()
-        if s.is_main:  # every process holds the same weights; one writes them
-            save_due(s, epoch, step)
-    progress.close()
-    if s.is_main:
-        if s.embeddings is not None:
-            save_embeddings(s)
-        save_checkpoint(s, s.plan.epochs, s.plan.total_steps, paths.run_lora(inputs.name))
-        write_logs(inputs.name, s.records, s.plan)
-    s.accelerator.wait_for_everyone()
-    return s.records
-
+# ---------------------------------------------------------------- saving
 
 def save_due(s: Session, epoch: int, step: int) -> None:
     """Epoch files at the end of every saved epoch, step files every N steps, states with them."""
@@ -338,27 +350,28 @@ def save_due(s: Session, epoch: int, step: int) -> None:
     if save.every_n_steps and step % save.every_n_steps == 0 and step < s.plan.total_steps:
         saved.append(save_checkpoint(s, epoch, step, paths.step_lora(name, step)))
     if saved and save.keep_last:
-        prune_checkpoints(name, save.keep_last)
+        prune_checkpoints(s.inputs.root, name, save.keep_last)
     if saved and save.state:
         save_state(s, epoch, step)
 
 
 def save_checkpoint(s: Session, epoch: int, step: int, path: str) -> str:
+    """Write the network's LoRA file at `path` (an artifact path, under the project root)."""
     run, net = s.run, s.net
     metadata = lora_format.lora_metadata(
         run_name=s.inputs.name, algo=run.network.algo, dim=run.network.dim, alpha=run.network.alpha,
-        network_args=network.kohya_network_args(run.network), base=models.base_info(s.inputs.base_dir),
+        network_args=network.kohya_network_args(run.network), base=bases.base_info(s.inputs.base_dir),
         resolution=run.size, epoch=epoch, steps=step, facts={**s.inputs.facts, **training_facts(s)})
     weights = network.kohya_state(net, s.base.unet, s.base.te)
-    lora_format.save_lora(weights, path, run.save.precision, metadata)
+    lora_format.save_lora(weights, s.inputs.root / path, run.save.precision, metadata)
     return path
 
 
 def save_embeddings(s: Session) -> None:
     """Pivotal vectors beside the LoRA, named by the prompt word (webui's convention)."""
     cfg = s.run.pivotal
-    pivotal.save_embeddings(paths.embeddings(s.inputs.name, cfg.token), s.embeddings.detach(), cfg,
-                            {"lorabake_run": s.inputs.name, "lorabake_base_id": models.base_id(s.inputs.base_dir)})
+    pivotal.save_embeddings(s.inputs.root / paths.embeddings(s.inputs.name, cfg.token), s.embeddings.detach(), cfg,
+                            {"lorabake_run": s.inputs.name, "lorabake_base_id": bases.base_id(s.inputs.base_dir)})
 
 
 def training_facts(s: Session) -> dict[str, str]:
@@ -370,7 +383,7 @@ def training_facts(s: Session) -> dict[str, str]:
             "ss_learning_rate": f"{opt.lr:g}", "ss_unet_lr": f"{opt.unet_lr or opt.lr:g}",
             "ss_text_encoder_lr": f"{opt.text_encoder_lr or opt.lr:g}", "ss_seed": str(run.training.seed),
             "ss_lr_scheduler": run.scheduler.type, "ss_lr_warmup_steps": str(optim.warmup_steps(run.scheduler.warmup, s.plan.total_steps)),
-            "ss_optimizer": optim.describe(opt.type, opt.args), "ss_flip_aug": str(run.augment.flip),
+            "ss_optimizer": optimizers.describe(opt.type, opt.args), "ss_flip_aug": str(run.augment.flip),
             "ss_color_aug": str(run.augment.color), "ss_random_crop": str(run.augment.random_crop),
             "ss_clip_skip": str(run.training.clip_skip), "ss_max_token_length": str(run.training.max_token_length),
             "ss_mixed_precision": run.training.mixed_precision, "ss_shuffle_caption": str(run.captions.shuffle),
@@ -387,10 +400,10 @@ def training_facts(s: Session) -> dict[str, str]:
             "ss_gradient_checkpointing": str(run.training.gradient_checkpointing)}
 
 
-def prune_checkpoints(name: str, keep_last: int) -> None:
+def prune_checkpoints(root: Path, name: str, keep_last: int) -> None:
     """kohya's save_last_n_epochs: only the newest N epoch files (and N step files) stay."""
     for folder, pattern in (("epochs", f"{name}-e*.safetensors"), ("steps", f"{name}-s*.safetensors")):
-        for old in sorted((Path(paths.run_dir(name)) / folder).glob(pattern))[:-keep_last]:
+        for old in sorted((root / paths.run_dir(name) / folder).glob(pattern))[:-keep_last]:
             old.unlink()
 
 
@@ -400,7 +413,7 @@ def save_state(s: Session, epoch: int, step: int) -> None:
     weights = dict(s.net.state_dict())
     if s.embeddings is not None:
         weights["pivotal.embeddings"] = s.embeddings.detach()
-    root = Path(paths.state_root(s.inputs.name))
+    root = s.inputs.root / paths.state_root(s.inputs.name)
     state.save_state(root / state.state_dir_name(step), network=weights, optimizer=s.optimizer.optimizer,
                      scheduler=s.scheduler, step=step, epoch=epoch,
                      extra={"digest": s.inputs.digest, "records": s.records})
@@ -411,7 +424,7 @@ def resume(s: Session) -> int:
     """The step to continue after: that of the newest state saved by this same run, else 0."""
     if not s.run.save.state:
         return 0
-    directory = state.latest_state(Path(paths.state_root(s.inputs.name)), s.inputs.digest)
+    directory = state.latest_state(s.inputs.root / paths.state_root(s.inputs.name), s.inputs.digest)
     if directory is None:
         return 0
     saved = state.load_state(directory, s.optimizer.optimizer, s.scheduler)
@@ -425,10 +438,25 @@ def resume(s: Session) -> int:
     return saved.step
 
 
-def write_logs(name: str, records: list[dict], plan: TrainingPlan) -> None:
-    store.write_text(paths.train_log(name), "".join(json.dumps(r) + "\n" for r in records))
-    plots.loss_plot(records, paths.loss_plot(name), title=f"{name}: {plan.total_steps} steps, {plan.epochs} epochs")
+def write_logs(name: str, records: list[dict], plan: TrainingPlan, root: Path = Path(".")) -> None:
+    """train.jsonl (strict JSON: a NaN or infinite number is written as null) and the loss plot,
+    which leaves out steps whose loss is not finite (unless no step has a finite one)."""
+    lines = (json.dumps(finite_or_null(r), allow_nan=False) + "\n" for r in records)
+    store.write_text(root / paths.train_log(name), "".join(lines))
+    plotted = [r for r in records if math.isfinite(r["loss"])] or records
+    plots.loss_plot(plotted, root / paths.loss_plot(name), title=f"{name}: {plan.total_steps} steps, {plan.epochs} epochs")
     first = [r["loss"] for r in records if r["epoch"] == 1]
     last = [r["loss"] for r in records if r["epoch"] == plan.epochs]
     print(f"train {name}: {len(records)} steps, mean loss epoch 1 = {sum(first) / len(first):.4f}, "
           f"epoch {plan.epochs} = {sum(last) / len(last):.4f}")
+
+
+def finite_or_null(value):
+    """`value` with every NaN or infinite float in it (nested in dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value

@@ -7,9 +7,9 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from lorabake import buckets
+from lorabake.data import buckets
 from lorabake.config import RunConfig
-from lorabake.dataset import Dataset, ImageItem, bucket_steps, epoch_items
+from lorabake.data.dataset import Dataset, ImageItem, bucket_steps, epoch_items
 
 
 @dataclass(frozen=True)

@@ -13,21 +13,20 @@ its quantization tensors under `__bnb_optimizer_quant_state__`. The JSON keeps a
 stay ints, tuples stay tuples, floats are written with `repr` (shortest round-tripping spelling).
 
 A state directory is written into a temporary directory beside it and renamed into place, so it
-appears whole or not at all; temporary names start with a dot and never look like a state.
+appears whole or not at all; temporary names start with a dot and never look like a state. A resume
+takes the newest state whose files are whole, so a state damaged after it was saved (a truncated copy,
+a full disk, a deleted file) costs the steps since the state before it, not the run.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -178,37 +177,14 @@ def save_state(directory: Path, *, network: dict[str, torch.Tensor], optimizer, 
     tensors, skeleton = flatten(tree)
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "epoch": epoch,
                 "digest": extra.get("digest"), "tree": skeleton}
-    with _atomic_directory(Path(directory)) as tmp:
-        store.write_safetensors(tmp / TENSORS_FILE, _for_disk(tensors))
+    def write(folder: Path) -> None:
+        store.write_safetensors(folder / TENSORS_FILE, _for_disk(tensors))
         # The manifest goes last: even inside the temporary directory, it marks a complete state.
-        store.write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1, allow_nan=False) + "\n")
+        store.write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=1, allow_nan=False) + "\n")
 
-
-@contextlib.contextmanager
-def _atomic_directory(destination: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `destination`; rename it into place if the block succeeds."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
-    try:
-        yield tmp
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; states get ordinary modes
-        _replace_directory(tmp, destination)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace_directory(new: Path, destination: Path) -> None:
-    # rename() replaces a file or an empty directory but not a full one, so an older state of the same
-    # step (a rerun after its successor was refused) is first moved aside under a temporary name.
-    if destination.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
-        os.replace(destination, old)
-        os.replace(new, destination)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, destination)
+    # Whole or not at all; a state saved again for its step (a rerun after its successor was
+    # refused) replaces the old one whole.
+    store.build_folder(directory, write)
 
 
 def load_state(directory: Path, optimizer, scheduler) -> TrainingState:
@@ -279,28 +255,40 @@ def state_dirs(run_state_root: Path) -> list[Path]:
 
 
 def latest_state(run_state_root: Path, digest: str) -> Path | None:
-    """The newest state saved under the config `digest`; states of another config are never resumed."""
+    """The newest whole state saved under the config `digest`; states of another config are never
+    resumed, and a damaged one (unreadable manifest, missing or truncated tensors) is skipped with a
+    warning for the one before it."""
     for directory in reversed(state_dirs(run_state_root)):
         try:
-            manifest = _read_manifest(directory)
+            if _read_manifest(directory)["digest"] != digest:
+                continue
+            _check_tensors(directory / TENSORS_FILE)
         except StateError as error:
             warnings.warn(f"skipping unreadable training state: {error}", stacklevel=2)
             continue
-        if manifest["digest"] == digest:
-            return directory
+        return directory
     return None
 
 
-def prune(run_state_root: Path, keep_last: int | None) -> None:
-    """Keep only the newest `keep_last` states (all when None), and clear debris of killed saves.
+def _check_tensors(path: Path) -> None:
+    """Refuse a tensors file that is missing or not whole (safetensors checks that the header's
+    offsets cover the file exactly). Reads the header only; a flipped bit in the data passes here,
+    and load_state names the file when it cannot read it."""
+    from lorabake.models import keys
 
-    A run's state root has one writer (Snakemake locks the run's outputs), so a temporary directory
-    there is what a save left behind when it was killed."""
+    try:
+        keys.read_header(path)
+    except keys.HeaderError as error:
+        raise StateError(f"training state {path.parent} is damaged: {error}") from error
+
+
+def prune(run_state_root: Path, keep_last: int | None) -> None:
+    """Keep only the newest `keep_last` states (all when None), and clear debris of killed saves
+    (temporary directories no live save holds)."""
     root = Path(run_state_root)
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be at least 1 or None, not {keep_last}")
-    for debris in root.glob(".step-*.tmp") if root.is_dir() else ():
-        shutil.rmtree(debris, ignore_errors=True)
+    store.remove_stale_temps(root)
     if keep_last is not None:
         for directory in state_dirs(root)[:-keep_last]:
             shutil.rmtree(directory)

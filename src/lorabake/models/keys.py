@@ -1,5 +1,6 @@
 """What a `.safetensors` file says about itself before a tensor is read: its keys, shapes and
-metadata, and which Stable Diffusion architecture its key prefixes belong to.
+metadata, and which Stable Diffusion architecture its key prefixes belong to. The one place that
+knows the original single-file layout's key prefixes (sd_layout and base_files read them here).
 
 This is the bottom floor of checkpoint handling (no torch), so `lorabake validate` and the
 Snakefile's parse can refuse a malformed base or `init_weights` file before any job runs.
@@ -13,6 +14,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+# Where each text encoder's weights live in a single file, in the order the original models take
+# them (diffusers' component names as keys).
+TEXT_ENCODER_PREFIXES = {
+    "sd1": {"text_encoder": "cond_stage_model.transformer."},
+    "sd2": {"text_encoder": "cond_stage_model.model."},
+    "sdxl": {"text_encoder": "conditioner.embedders.0.transformer.",
+             "text_encoder_2": "conditioner.embedders.1.model."},
+}
+# Every prefix a single-file SD checkpoint uses, for telling such a file from a diffusers state dict.
+ORIGINAL_PREFIXES = (UNET, VAE) + tuple(p for ps in TEXT_ENCODER_PREFIXES.values() for p in ps.values())
+# Each text encoder's token embedding (vocabulary × width), in the original layout.
+TOKEN_EMBEDDINGS = {
+    "sd1": {"text_encoder": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"},
+    "sd2": {"text_encoder": "cond_stage_model.model.token_embedding.weight"},
+    "sdxl": {"text_encoder": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+             "text_encoder_2": "conditioner.embedders.1.model.token_embedding.weight"},
+}
 # Key prefixes that tell the architectures apart (the original repos' module names): SDXL's encoders
 # sit under `conditioner.embedders` and its UNet has the size/crop embedding `label_emb`; SD2's
 # OpenCLIP under `cond_stage_model.model.`; SD1's OpenAI CLIP under `cond_stage_model.transformer.`.

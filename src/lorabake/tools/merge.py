@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from lorabake import lora_format, models, network, sd_layout, store
-from lorabake.blocks import block_values
+from lorabake import store
+from lorabake.models import bases, lora_format, network, sd_layout
+from lorabake.models.blocks import block_values
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class MergeInput:
         return f"{self.path} × {self.ratio:g}{blocks}"
 
 
-def merge_into(base: models.Base, lora: MergeInput) -> int:
+def merge_into(base: bases.Base, lora: MergeInput) -> int:
     """Add one LoRA's deltas into the base's weights; refuses a merge that makes NaN or inf."""
     if lora.block_weights is not None and base.arch == "sdxl":
         raise ValueError(f"{lora.path}: block weights use the 25-block SD1/SD2 vocabulary; SDXL merges take a ratio only")
@@ -42,10 +43,10 @@ def merge_into(base: models.Base, lora: MergeInput) -> int:
     return merged
 
 
-def checkpoint_metadata(base_dir: Path, base: models.Base, loras: list[MergeInput], title: str) -> dict[str, str]:
+def checkpoint_metadata(base_dir: Path, base: bases.Base, loras: list[MergeInput], title: str) -> dict[str, str]:
     """modelspec keys of a full checkpoint (kohya's sai_model_spec for a Stable Diffusion ckpt), and
     lorabake's provenance."""
-    info = models.base_info(base_dir)
+    info = bases.base_info(base_dir)
     arch_meta = lora_format.architecture_metadata(base.arch, info.get("prediction", "epsilon"))
     size = base.resolution
     return {
@@ -62,7 +63,7 @@ def checkpoint_metadata(base_dir: Path, base: models.Base, loras: list[MergeInpu
 
 
 def merge(base_dir: Path, loras: list[MergeInput], out: Path, precision: str = "fp32") -> None:
-    base = models.load_base(base_dir)
+    base = bases.load_base(base_dir)
     for lora in loras:
         print(f"merge: {lora.describe()} → {merge_into(base, lora)} modules")
     state = sd_layout.to_single_file(base.arch, base.unet, base.vae, base.text_encoders)
@@ -70,12 +71,12 @@ def merge(base_dir: Path, loras: list[MergeInput], out: Path, precision: str = "
                             checkpoint_metadata(base_dir, base, loras, title=Path(out).stem))
 
 
-def load_merged(base_dir: Path, checkpoint: Path) -> models.Base:
+def load_merged(base_dir: Path, checkpoint: Path) -> bases.Base:
     """A merged (single-file) checkpoint of the base's architecture as models (fp32), read by
     diffusers' own single-file loader with the base folder's configs, offline."""
     import diffusers
 
-    base = models.load_base(base_dir, parts=())
+    base = bases.load_base(base_dir, parts=())
     pipe_class = getattr(diffusers, json.loads((Path(base_dir) / "model_index.json").read_text())["_class_name"])
     pipe = pipe_class.from_single_file(str(checkpoint), config=str(base_dir), local_files_only=True,
                                        torch_dtype=torch.float32)

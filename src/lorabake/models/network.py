@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lorabake import checkpoint_header, sd_layout
-from lorabake.blocks import block_of, block_values
+from lorabake.models import keys, sd_layout
+from lorabake.models.blocks import block_of, block_values
 from lorabake.config import ALGOS, BLOCKS, Network
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -461,8 +461,8 @@ def load_initial_weights(network, path: Path, unet, text_encoder) -> None:
     from lycoris.modules.dylora import DyLoraModule
 
     try:
-        checkpoint_header.read_header(path)  # names the file, where safetensors' own error does not
-    except checkpoint_header.HeaderError as e:
+        keys.read_header(path)  # names the file, where safetensors' own error does not
+    except keys.HeaderError as e:
         raise UnmatchedKeys(f"network.init_weights: {e}") from None
     saved = load_file(str(path))
     problems = _layout_problems(saved, kohya_state(network, unet, text_encoder))

@@ -5,11 +5,11 @@ A single file carries weights but no configs, so lorabake ships the diffusers co
 models in `model_configs/` — the Hugging Face repos' own files of stable-diffusion-v1-5,
 stabilityai/stable-diffusion-2-1 (768-v) and stabilityai/stable-diffusion-xl-base-1.0, without
 version stamps, safety checker or feature extractor — and reads the tiny builtins' configs off
-`models.py`. The file's header alone decides: the architecture from its key prefixes, the prediction
+`bases.py`. The file's header alone decides: the architecture from its key prefixes, the prediction
 type from a flag or metadata (one small tensor for SD2's heuristic), the config from a handful of
 widths. diffusers' own single-file readers then convert the weights.
 
-A base folder is the layout `models.build_base` writes: diffusers components + `base.json`
+A base folder is the layout `bases.build_base` writes: diffusers components + `base.json`
 {id, architecture, prediction, source}. Its id is a content hash, cached per (path, size, mtime) so
 a 7 GB file is hashed once. Pickled checkpoints (.ckpt, .pt, .pth, .bin) can run code when loaded,
 so they are refused unless the user opts in.
@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from lorabake import checkpoint_header, models, store
-from lorabake.checkpoint_header import (ARCH_MARKERS, PICKLE_SUFFIXES, UNET, HeaderError, architecture_of,
+from lorabake import store
+from lorabake.models import bases, keys
+from lorabake.models.keys import (ARCH_MARKERS, PICKLE_SUFFIXES, TEXT_ENCODER_PREFIXES, TOKEN_EMBEDDINGS, UNET,
+                                  HeaderError, architecture_of,
                                         describe_markers, read_header)
 
 CONFIG_ROOT = Path(__file__).with_name("model_configs")
@@ -37,20 +39,6 @@ SET_PREDICTION = "set `prediction: epsilon` or `v_prediction` under bases.<name>
 # The real model's config per architecture: its scheduler stands in when a diffusers folder has none.
 REAL_CONFIGS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl-base-1.0"}
 
-# Each text encoder's token embedding (vocabulary × width), in the original layout.
-TOKEN_EMBEDDINGS = {
-    "sd1": {"text_encoder": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"},
-    "sd2": {"text_encoder": "cond_stage_model.model.token_embedding.weight"},
-    "sdxl": {"text_encoder": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
-             "text_encoder_2": "conditioner.embedders.1.model.token_embedding.weight"},
-}
-# Where each text encoder's weights live in a single file; diffusers gets only its own encoder's keys.
-TEXT_ENCODER_PREFIXES = {
-    "sd1": {"text_encoder": "cond_stage_model.transformer."},
-    "sd2": {"text_encoder": "cond_stage_model.model."},
-    "sdxl": {"text_encoder": "conditioner.embedders.0.transformer.",
-             "text_encoder_2": "conditioner.embedders.1.model."},
-}
 # ComfyUI's SD2 rule (comfy/supported_models.py, SD20.model_type): v-prediction models have a
 # spread-out bias on this LayerNorm, epsilon ones (2.x-base) a flat one.
 SD2_V_PROBE = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
@@ -261,14 +249,14 @@ def config_names(arch: str | None = None) -> list[str]:
     folders first, then the tiny builtins'."""
     shipped = sorted(p.name for p in CONFIG_ROOT.iterdir() if (p / "model_index.json").is_file())
     arch_of = {**{name: _folder_arch(CONFIG_ROOT / name) for name in shipped},
-               **{name: spec.arch for name, spec in models.TINY.items()}}
+               **{name: spec.arch for name, spec in bases.TINY.items()}}
     return [name for name, its_arch in arch_of.items() if arch is None or its_arch == arch]
 
 
 def config_files(name: str) -> dict[str, dict]:
     """A config set as {relative path: JSON}: model_index.json, scheduler/scheduler_config.json and
-    each model's config.json. The tiny builtins' are read off a build, so they follow models.py."""
-    if name in models.TINY:
+    each model's config.json. The tiny builtins' are read off a build, so they follow bases.py."""
+    if name in bases.TINY:
         return {path: json.loads(text) for path, text in _tiny_config_texts(name).items()}
     folder = CONFIG_ROOT / name
     if not (folder / "model_index.json").is_file():
@@ -278,10 +266,10 @@ def config_files(name: str) -> dict[str, dict]:
 
 @functools.lru_cache(maxsize=None)
 def _tiny_config_texts(builtin: str) -> dict[str, str]:
-    """The JSON configs `models.build_tiny` writes (tokenizers aside), from a build thrown away.
+    """The JSON configs `bases.build_tiny` writes (tokenizers aside), from a build thrown away.
     The build seeds torch's generator; the caller's random state is restored."""
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
-        models.build_tiny(builtin, Path(tmp))
+        bases.build_tiny(builtin, Path(tmp))
         return {p.relative_to(tmp).as_posix(): p.read_text() for p in sorted(Path(tmp).rglob("*.json"))
                 if not p.parent.name.startswith("tokenizer")}
 
@@ -310,14 +298,14 @@ def _fitting_config(ckpt: _Checkpoint, arch: str) -> str:
 
 def _read_json(path: Path) -> dict:
     try:
-        return checkpoint_header.read_json(path)
+        return keys.read_json(path)
     except HeaderError as e:
         raise BaseFileError(str(e)) from None
 
 
 def _folder_arch(folder: Path) -> str:
     try:
-        return checkpoint_header.folder_architecture(folder)
+        return keys.folder_architecture(folder)
     except HeaderError as e:
         raise BaseFileError(str(e)) from None
 
@@ -352,7 +340,7 @@ def materialize_config(detected: Detected, dest: Path) -> Path:
     for relative, content in configs.items():
         store.write_json(dest / relative, content)
     _write_scheduler(dest, scheduler, detected.prediction)
-    models.write_tokenizers(dest, detected.arch)
+    bases.write_tokenizers(dest, detected.arch)
     return dest
 
 
@@ -443,7 +431,7 @@ def import_diffusers_folder(path: str | os.PathLike, out_dir: str | os.PathLike,
             for name in tokenizers:
                 (tmp / name).symlink_to(path / name, target_is_directory=True)
         else:
-            models.write_tokenizers(tmp, detected.arch)
+            bases.write_tokenizers(tmp, detected.arch)
         store.write_json(tmp / "model_index.json", _pipeline_index(path, [*components, "scheduler", *tokenizers]))
         store.write_json(tmp / "base.json", info)
 

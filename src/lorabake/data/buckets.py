@@ -5,6 +5,9 @@ training resolution's area, plus the square of that area. An image goes to the b
 ratio is closest to its own, is scaled to cover it and centre-cropped. With `no_upscale` each image
 gets its own bucket: scaled down only if it is larger than the resolution's area, then cut to the
 step grid.
+
+A spec is refused (ValueError) when its sides pass MAX_SIDE or its enumeration would be huge, so no
+caller can hang on a typo such as `max: 1000000000`; the config refuses those sides first, naming the key.
 """
 from __future__ import annotations
 
@@ -13,6 +16,12 @@ import math
 from dataclasses import dataclass
 
 from PIL import Image
+
+# SDXL trains at 1024 px and its largest hires renders reach 4096; 8192 px is 8x SDXL (a 1024x1024
+# latent, whose self-attention alone needs terabytes), so no real run comes near it.
+MAX_SIDE = 8192
+# Bucket widths one spec may enumerate. The config allows at most (MAX_SIDE - 64) / 8 + 1 = 1,017.
+MAX_BUCKET_WIDTHS = 2048
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,17 @@ class BucketSpec:
     max_size: int = 1024
     step: int = 64
     no_upscale: bool = False
+
+    def __post_init__(self) -> None:
+        sides = (*self.resolution, self.min_size, self.max_size)
+        if max(sides) > MAX_SIDE:
+            raise ValueError(f"bucket spec {self}: sides above {MAX_SIDE} px (8x SDXL's 1024) are refused")
+        if self.step < 1:
+            raise ValueError(f"bucket spec {self}: step must be at least 1 px")
+        widths = (self.max_size - self.min_size) // self.step + 1
+        if widths > MAX_BUCKET_WIDTHS:
+            raise ValueError(f"bucket spec {self}: {widths:,} bucket widths to enumerate, more than "
+                             f"{MAX_BUCKET_WIDTHS:,}; use a larger step or a narrower min-max range")
 
     @property
     def max_area(self) -> int:

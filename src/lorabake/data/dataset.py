@@ -8,8 +8,11 @@ Every problem is collected and reported in one error that names each offending p
 to do, so a user fixes a dataset in one pass instead of meeting its problems one run at a time.
 
 Snakemake scans every dataset on every parse; given a cache folder, what each file gave is kept
-there and read back while the file is unchanged (lorabake.scan_cache), so a parse of an unchanged
+there and read back while the file is unchanged (lorabake.data.scan_cache), so a parse of an unchanged
 dataset stats its files but opens none.
+
+A caption longer than CAPTION_CHARS is cut there, with a warning and `ImageItem.caption_cut` set: no
+run reads that far, and a 10 MB caption once made 14 MB of LoRA metadata (a 75 MB one failed at save).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import itertools
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +28,16 @@ from pathlib import Path
 from PIL import Image
 
 from lorabake import store
-from lorabake.scan_cache import ImageFacts, ScanCache
+from lorabake.data.scan_cache import ImageFacts, ScanCache
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REG_FOLDER = "reg"
 EXIF_ORIENTATION = 0x0112
 FOLDER_NAME = re.compile(r"(\d+)_(.+)")
+# A run reads at most 225 CLIP tokens (max_token_length), and a token covers at least one character,
+# usually four or more. Shuffled tags can bring any tag forward, so the cap is far above that too:
+# 8192 characters hold some 500 booru tags, more than the most heavily tagged images carry.
+CAPTION_CHARS = 8192
 
 
 class DatasetError(ValueError):
@@ -48,6 +56,7 @@ class ImageItem:
     is_reg: bool
     width: int
     height: int
+    caption_cut: bool = False  # the caption file was longer than CAPTION_CHARS and was cut there
 
 
 @dataclass(frozen=True)
@@ -152,7 +161,7 @@ def scan_dataset(root: Path, name: str, caption_extension: str = ".txt",
     """Read and validate a whole dataset folder; raise one DatasetError listing every problem.
 
     With `cache_file` (paths.scan_cache), what each file gave is remembered there and reused
-    while the file's size and mtime stay the same (lorabake.scan_cache)."""
+    while the file's size and mtime stay the same (lorabake.data.scan_cache)."""
     root = Path(root)
     _require_root(root)
     root = root.resolve()
@@ -183,6 +192,9 @@ def _check_loose_files(root: Path, problems: _Problems) -> None:
                 problems.add("files directly in reg/; move them into reg/<repeats>_<class>/", str(path))
 
 
+MAX_REPEATS = 10_000
+
+
 def _parse_folder_name(folder: Path, problems: _Problems) -> tuple[int, str]:
     match = FOLDER_NAME.fullmatch(folder.name)
     if match is None:
@@ -192,6 +204,10 @@ def _parse_folder_name(folder: Path, problems: _Problems) -> tuple[int, str]:
     repeats, concept = int(match.group(1)), match.group(2)
     if repeats < 1:
         problems.add("folders with fewer than 1 repeat", f"{folder} (rename it to 1_{concept})")
+    if repeats > MAX_REPEATS:  # each repeat is an entry of every epoch: 10^12 of them hang the plan
+        problems.add(f"folders with more than {MAX_REPEATS:,} repeats (real datasets use at most a few hundred; "
+                     "use more epochs instead)", f"{folder} ({repeats:,} repeats)")
+        return 0, concept
     return repeats, concept
 
 
@@ -208,11 +224,12 @@ def _scan_folder(folder: Path, root: Path, is_reg: bool, caption_extension: str,
         caption = (_caption_text(caption_file, f"{folder_rel}/{caption_file.name}", cache, problems)
                    if caption_file else concept)
         if facts is not None and caption is not None:
+            caption, cut = _capped(caption, caption_file.path) if caption_file else (caption, False)
             items.append(ImageItem(
                 path=Path(image.path), rel=rel, folder=folder_rel,
                 repeats=repeats, concept=concept, caption=caption,
                 has_caption_file=caption_file is not None, is_reg=is_reg,
-                width=facts.width, height=facts.height))
+                width=facts.width, height=facts.height, caption_cut=cut))
     return items
 
 
@@ -277,17 +294,32 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
 
 
 def _caption_text(caption_file: os.DirEntry, rel: str, cache: ScanCache, problems: _Problems) -> str | None:
-    """The caption as written (stripped), remembered or read; normalizing is left to the digest."""
+    """The caption as written (stripped), remembered or read; normalizing is left to the digest.
+    At most CAPTION_CHARS + 1 characters are kept (and remembered): one more than the cap, so a
+    caption read back from the cache still shows it was longer."""
     stat = caption_file.stat()
     text = cache.caption(rel, stat)
     if text is None:
         try:
-            text = Path(caption_file.path).read_text(encoding="utf-8").strip()
+            text = Path(caption_file.path).read_text(encoding="utf-8").strip()[:CAPTION_CHARS + 1]
         except UnicodeDecodeError:
             problems.add("captions that are not UTF-8 text; re-save them as UTF-8", caption_file.path)
             return None
         cache.remember_caption(rel, stat, text)
     return text
+
+
+def _capped(caption: str, path: str) -> tuple[str, bool]:
+    """The caption cut to CAPTION_CHARS (at the last tag boundary before it, if there is one), and
+    whether it was cut; a cut caption is warned about."""
+    if len(caption) <= CAPTION_CHARS:
+        return caption, False
+    kept = caption[:CAPTION_CHARS]
+    if caption[CAPTION_CHARS] != ",":
+        kept = kept.rpartition(",")[0] or kept
+    warnings.warn(f"{path}: caption longer than {CAPTION_CHARS} characters, cut to its first "
+                  f"{len(kept.rstrip())}: no run reads that far (at most 225 CLIP tokens)", stacklevel=2)
+    return kept.rstrip(), True
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,12 +354,6 @@ def epoch_items(dataset: Dataset) -> list[ImageItem]:
     if not reg_pool:
         return train
     return train + list(itertools.islice(itertools.cycle(reg_pool), len(train)))
-
-
-def steps_per_epoch(placements: dict[str, tuple[int, int]], items: list[ImageItem],
-                    batch_size: int, grad_accum: int = 1) -> int:
-    """Optimizer steps in one epoch; `placements` maps item.rel to its bucket."""
-    return bucket_steps(Counter(tuple(placements[item.rel]) for item in items), batch_size, grad_accum)
 
 
 def bucket_steps(entries_per_bucket: Counter, batch_size: int, grad_accum: int = 1) -> int:

@@ -1,55 +1,26 @@
 """Sample grids: kohya-syntax prompts rendered with the LoRA at several strengths and epochs.
 
 A prompt line reads `a red circle --n blurry --w 128 --h 128 --d 7 --l 7.5 --s 20` (kohya's syntax:
-negative prompt, width, height, seed, CFG scale, steps). Every cell of a prompt's block uses the same
+negative prompt, width, height, seed, CFG scale, steps; parsed by lorabake.prompts, without torch,
+so the config check reads prompts as this module does). Every cell of a prompt's block uses the same
 seed, so what differs between cells is the LoRA alone.
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from lorabake import grid, network, pivotal
+from lorabake.models import network
+from lorabake.render import grid
+from lorabake.train import pivotal
 from lorabake.config import Pivotal, Samples
+from lorabake.prompts import Prompt, parse_prompt
 
-OPTION = re.compile(r"^(?P<key>[a-z])\s+(?P<value>.*)$", re.S)
 SAMPLERS = {"euler_a": "EulerAncestralDiscreteScheduler", "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler"}
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    negative: str
-    width: int
-    height: int
-    seed: int
-    cfg: float
-    steps: int
-
-
-def parse_prompt(line: str, defaults: Prompt) -> Prompt:
-    """kohya's sample-prompt syntax; an option we do not know is an error, not a silent no-op."""
-    text, *options = line.split(" --")
-    prompt = replace(defaults, text=text.strip())
-    fields = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
-              "l": ("cfg", float), "s": ("steps", int)}
-    for option in options:
-        match = OPTION.match(option.strip())
-        if not match or match["key"] not in fields:
-            raise ValueError(f"sample prompt {line!r}: unknown option '--{option.strip()}' (known: --n --w --h --d --l --s)")
-        name, kind = fields[match["key"]]
-        try:
-            prompt = replace(prompt, **{name: kind(match["value"].strip())})
-        except ValueError:
-            raise ValueError(f"sample prompt {line!r}: --{match['key']} needs a {kind.__name__}, got {match['value']!r}") from None
-    if prompt.width % 8 or prompt.height % 8:
-        raise ValueError(f"sample prompt {line!r}: width and height must be multiples of 8")
-    return prompt
 
 
 def load_pipeline(base_dir: Path, sampler: str):

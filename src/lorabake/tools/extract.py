@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from lorabake import lora_format, lora_tools, models, network
+from lorabake.models import bases, lora_format, network
+from lorabake.tools import lora_tools
 
 
 def target_modules(unet, text_encoder, conv: bool) -> dict[str, tuple[torch.nn.Module, bool]]:
@@ -27,7 +28,7 @@ def target_modules(unet, text_encoder, conv: bool) -> dict[str, tuple[torch.nn.M
     return {lora.lora_name: (lora.org_module[0], lora in net.unet_loras) for lora in net.unet_loras + net.text_encoder_loras}
 
 
-def module_deltas(base: models.Base, tuned: models.Base, conv: bool, min_diff: float) -> dict[str, torch.Tensor]:
+def module_deltas(base: bases.Base, tuned: bases.Base, conv: bool, min_diff: float) -> dict[str, torch.Tensor]:
     """(tuned − base) weight of every targeted module that moved; text encoders only if one of their
     weights moved by more than min_diff."""
     base_modules = target_modules(base.unet, base.te, conv)
@@ -42,7 +43,7 @@ def module_deltas(base: models.Base, tuned: models.Base, conv: bool, min_diff: f
 
 
 @torch.no_grad()
-def extract(base: models.Base, base_info: dict, tuned: models.Base, out: Path, *, dim: int, conv_dim: int | None,
+def extract(base: bases.Base, base_info: dict, tuned: bases.Base, out: Path, *, dim: int, conv_dim: int | None,
             clamp_quantile: float | None, min_diff: float, precision: str = "fp32", source: str = "") -> int:
     deltas = module_deltas(base, tuned, conv=conv_dim is not None, min_diff=min_diff)
     if not deltas:

@@ -12,8 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 from lorabake import store
-from lorabake.buckets import BucketSpec, place
-from lorabake.dataset import Dataset, ImageItem, epoch_items, split_tags, steps_per_epoch
+from lorabake.data.buckets import BucketSpec, place
+from lorabake.data.dataset import Dataset, ImageItem, epoch_items, split_tags
 
 TOP_TAGS = 30
 # Parentheses are judged by balance instead: "smile (expression)" is a fine tag.
@@ -21,7 +21,9 @@ STRAY_EDGE_CHARS = set(string.punctuation) - set("()")
 
 
 def build_report(dataset: Dataset, spec: BucketSpec, runs: dict[str, dict]) -> dict:
-    """Everything in the report as a JSON-able dict; runs map a name to batch_size/epochs/max_steps."""
+    """Everything in the report as a JSON-able dict. `spec` is the bucket spec the histogram uses;
+    `runs` maps each run using the dataset to its settings and the step counts of its own training
+    plan (`Workspace.report_runs`), so the report never redoes the arithmetic with another spec."""
     placements = {item.rel: place(item.width, item.height, spec).bucket for item in dataset.items}
     entries = epoch_items(dataset)
     return {
@@ -32,7 +34,7 @@ def build_report(dataset: Dataset, spec: BucketSpec, runs: dict[str, dict]) -> d
         "folders": _folders(dataset),
         "epoch_entries": len(entries),
         "buckets": _bucket_histogram(placements.values()),
-        "runs": {name: _run(placements, entries, run) for name, run in runs.items()},
+        "runs": runs,
         # a list of pairs, not a dict, because the JSON is written with sorted keys
         "tag_counts": _tag_counts(dataset.train_items),
         "missing_activation_tag": [
@@ -64,16 +66,6 @@ def _tallest_first(label: str) -> tuple[float, int, int]:
     # the JSON file sorts keys as text, so order is recomputed from the "WxH" label when rendering
     width, height = map(int, label.split("x"))
     return width / height, width, height
-
-
-def _run(placements: dict[str, tuple[int, int]], entries: list[ImageItem], run: dict) -> dict:
-    grad_accum = run.get("grad_accum", 1)
-    per_epoch = steps_per_epoch(placements, entries, run["batch_size"], grad_accum)
-    total = per_epoch * run["epochs"]
-    if run.get("max_steps") is not None:
-        total = min(total, run["max_steps"])
-    return {"batch_size": run["batch_size"], "grad_accum": grad_accum, "epochs": run["epochs"],
-            "max_steps": run.get("max_steps"), "steps_per_epoch": per_epoch, "total_steps": total}
 
 
 def _tag_counts(items: tuple[ImageItem, ...]) -> list[list]:
@@ -176,7 +168,7 @@ def _warnings(report: dict) -> list[str]:
 
 def write_report(dataset: Dataset, spec: BucketSpec, runs: dict[str, dict], out_json: Path) -> dict:
     """Write report.json, report.md and buckets.png side by side, and print a short summary."""
-    from lorabake import plots  # imported here so the rest of the module works without matplotlib
+    from lorabake.render import plots  # imported here so the rest of the module works without matplotlib
 
     out_json = Path(out_json)
     report = build_report(dataset, spec, runs)

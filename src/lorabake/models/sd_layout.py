@@ -30,17 +30,11 @@ from functools import partial
 
 import torch
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-# Text-encoder prefixes per architecture, in the order `to_single_file` takes the encoders.
-TEXT_ENCODER_PREFIXES = {
-    "sd1": ("cond_stage_model.transformer.",),
-    "sd2": ("cond_stage_model.model.",),
-    "sdxl": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
-}
+from lorabake.models import keys
+
+# The encoders' prefixes per architecture, in the order `to_single_file` takes the encoders.
+TEXT_ENCODER_PREFIXES = {arch: tuple(prefixes.values()) for arch, prefixes in keys.TEXT_ENCODER_PREFIXES.items()}
 ARCHITECTURES = tuple(TEXT_ENCODER_PREFIXES)
-# Every prefix a single-file SD checkpoint uses, for telling such a file from a diffusers state dict.
-ORIGINAL_PREFIXES = (UNET_PREFIX, VAE_PREFIX) + tuple(p for ps in TEXT_ENCODER_PREFIXES.values() for p in ps)
 
 # SD2 conditions on OpenCLIP ViT-H's penultimate layer, so diffusers ships 23 of its 24 layers. Both
 # diffusers (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE) and kohya (`convert_ldm_clip_checkpoint_v2`) drop
@@ -404,7 +398,7 @@ def to_single_file(arch: str, unet: torch.nn.Module | Mapping[str, torch.Tensor]
     converters = TEXT_ENCODER_CONVERTERS[arch]
     if len(text_encoders) != len(converters):
         raise ValueError(f"{arch} has {len(converters)} text encoder(s); got {len(text_encoders)}")
-    parts = [(UNET_PREFIX, unet_to_original(_state(unet))), (VAE_PREFIX, vae_to_original(_state(vae)))]
+    parts = [(keys.UNET, unet_to_original(_state(unet))), (keys.VAE, vae_to_original(_state(vae)))]
     parts += [(prefix, convert(_state(encoder)))
               for prefix, convert, encoder in zip(TEXT_ENCODER_PREFIXES[arch], converters, text_encoders)]
     checkpoint = {}
@@ -415,14 +409,3 @@ def to_single_file(arch: str, unet: torch.nn.Module | Mapping[str, torch.Tensor]
                 tensor = tensor.to(dtype)
             checkpoint[prefix + key] = tensor.contiguous()
     return checkpoint
-
-
-def arch_of_keys(keys: Iterable[str], source: str = "checkpoint") -> str:
-    """Which architecture a single-file checkpoint holds, told by its text encoders' prefixes."""
-    keys = list(keys)
-    for arch in ("sdxl", "sd2", "sd1"):
-        if any(key.startswith(TEXT_ENCODER_PREFIXES[arch][-1]) for key in keys):
-            return arch
-    raise ValueError(f"{source}: no Stable Diffusion 1/2/XL text encoder keys (expected one of "
-                     f"{', '.join(p for ps in TEXT_ENCODER_PREFIXES.values() for p in ps)}); is it a single-file "
-                     "SD checkpoint with its text encoder(s)?")

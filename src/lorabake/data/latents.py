@@ -1,0 +1,126 @@
+"""The content-addressed latent cache.
+
+An image's latents live at `results/cache/latents/{vae_id}/{geometry}/{sha256 of image bytes}.safetensors`
+(and `…-flip.safetensors` for the mirrored image). A `cache_latents` job hashes every image of its
+dataset, encodes only the keys the store lacks, and writes the dataset's index: which image has which
+latents in which bucket. Captions are not read here, so a caption edit never re-encodes anything.
+Jobs running at once on one store claim an image (`.{sha256}.lock`, an flock) before encoding it, so
+each key is encoded once however many datasets share the image.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from lorabake import store
+from lorabake.data import buckets
+from lorabake.data.buckets import BucketSpec
+
+FLIP_STATES = {False: ("plain",), True: ("plain", "flip")}
+
+
+@dataclass(frozen=True)
+class Job:
+    image: Path
+    rel: str
+    sha256: str
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image upright (EXIF orientation applied) as RGB."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB → (3, H, W) float in [-1, 1], as the VAE was trained."""
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    pixels = data.view(image.height, image.width, 3).permute(2, 0, 1).float()
+    return pixels / 127.5 - 1.0
+
+
+def entry_name(sha256: str, state: str) -> str:
+    return f"{sha256}.safetensors" if state == "plain" else f"{sha256}-{state}.safetensors"
+
+
+@torch.no_grad()
+def encode(vae, image: Image.Image, placement: buckets.Placement, flip: bool) -> torch.Tensor:
+    """Bucket, optionally mirror, and encode one image; returns scaled latents (4, h/8, w/8)."""
+    pixels = buckets.apply(image, placement)
+    if flip:
+        pixels = ImageOps.mirror(pixels)
+    x = to_tensor(pixels).unsqueeze(0).to(vae.device, vae.dtype)
+    mean = vae.encode(x).latent_dist.mean  # the mean, not a sample: one image, one latent
+    return (mean[0] * vae.config.scaling_factor).float().cpu().contiguous()
+
+
+def cache_latents(images: list[tuple[Path, str]], spec: BucketSpec, flip: bool, vae, vae_id: str,
+                  store_dir: Path, index_path: Path, meta: dict) -> dict:
+    """Encode what the store lacks for these (path, rel) images, then write the index.
+
+    Jobs sharing a store (two datasets with common images, under `-j2`) encode each image once: an
+    image is encoded under a claim on its key; one that another job holds is put off until the rest
+    are done, then waited for, and its latents reused."""
+    cache = _LatentStore(Path(store_dir), spec, flip, vae, vae_id)
+    cache.store_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [Job(path, rel, store.file_sha256(path)) for path, rel in images]
+    entries = [cache.entry(job, wait=False) for job in tqdm(jobs, desc="latents", unit="img")]
+    held_elsewhere = [i for i, entry in enumerate(entries) if entry is None]
+    if held_elsewhere:
+        print(f"cache_latents: waiting for {len(held_elsewhere)} images another job is encoding", flush=True)
+    for i in held_elsewhere:
+        entries[i] = cache.entry(jobs[i], wait=True)
+    index = {**meta, "vae_id": vae_id, "store": str(store_dir), "flip": flip,
+             "encoded": cache.encoded, "reused": cache.reused, "entries": entries}
+    store.write_json(index_path, index)
+    print(f"cache_latents: encoded {cache.encoded}, reused {cache.reused} (store {store_dir})")
+    return index
+
+
+@dataclass
+class _LatentStore:
+    """One job's view of a latent store: what it encodes, what it finds already there."""
+
+    store_dir: Path
+    spec: BucketSpec
+    flip: bool
+    vae: object
+    vae_id: str
+    encoded: int = 0
+    reused: int = 0
+
+    def entry(self, job: Job, wait: bool) -> dict | None:
+        """The index entry of one image, encoding the latents the store lacks; None when another job
+        holds the image's claim and `wait` is False."""
+        image = load_rgb(job.image)
+        placement = buckets.place(image.width, image.height, self.spec)
+        files = {state: entry_name(job.sha256, state) for state in FLIP_STATES[self.flip]}
+        missing = [state for state, name in files.items() if not (self.store_dir / name).exists()]
+        if missing:
+            with store.claim(self.store_dir / f".{job.sha256}.lock", wait=wait) as held:
+                if not held:
+                    return None
+                # Another job may have written them while this one waited for the claim.
+                missing = [state for state in missing if not (self.store_dir / files[state]).exists()]
+                for state in missing:
+                    latents = encode(self.vae, image, placement, flip=state == "flip")
+                    store.write_safetensors(self.store_dir / files[state], {"latents": latents},
+                                            {"vae_id": self.vae_id, "bucket": f"{placement.bucket}"})
+        self.encoded += len(missing)
+        self.reused += len(files) - len(missing)
+        return {"rel": job.rel, "sha256": job.sha256, "bucket": list(placement.bucket),
+                "original_size": [image.width, image.height], "crop": list(placement.crop), "latents": files}
+
+
+def read_index(index_path: Path) -> dict:
+    return json.loads(Path(index_path).read_text())
+
+
+def load_latents(index: dict, entry: dict, state: str = "plain") -> torch.Tensor:
+    return load_file(str(Path(index["store"]) / entry["latents"][state]))["latents"]
