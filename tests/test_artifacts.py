@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import snakemake
 from lorabake.models import bases, network
 from lorabake.tools import merge
+
+from conftest import snakemake
 
 pytestmark = pytest.mark.workflow  # runs Snakemake
 

@@ -95,7 +95,7 @@ def test_sweep_errors_name_the_file(tmp_path):
 def test_option_reference_is_generated_from_the_models():
     from lorabake import config, docs
 
-    committed = (Path(__file__).parents[1] / "docs" / "options.md").read_text()
+    committed = (Path(__file__).resolve().parent.parent / "docs" / "options.md").read_text()
     assert committed == docs.option_reference(), "run `lorabake docs` to regenerate docs/options.md"
     keys = {row[0] for row in docs.field_rows(config.RunConfig)}
     for name, field in config.RunConfig.model_fields.items():

@@ -20,12 +20,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import REPO, snakemake
 from lorabake import cli, store
 from lorabake.data import latents
 from lorabake.data.buckets import BucketSpec
 from lorabake.data.dataset import image_files
 from lorabake.train.state import save_state, state_dirs
+
+from conftest import REPO, snakemake
 
 LORABAKE = str(Path(sys.executable).with_name("lorabake"))
 

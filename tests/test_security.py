@@ -16,13 +16,13 @@ import yaml
 from safetensors.torch import save_file
 
 from lorabake import paths
-from lorabake.models import base_files
 from lorabake.config import ConfigError
+from lorabake.models import base_files
+from lorabake.names import UnsafeName
 from lorabake.project import load_project
 from lorabake.workspace import Workspace
-from lorabake.names import UnsafeName
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def write_project(root: Path, edit=None, run: str = "") -> Path:

@@ -5,9 +5,8 @@ import json
 import re
 from pathlib import Path
 
-from PIL import Image
-
 import pytest
+from PIL import Image
 
 from conftest import planned_jobs, rules_of, runs_of, snakemake
 

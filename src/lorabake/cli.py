@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         for warning in ws.project.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         args.func(ws, args)
-    except (ConfigError, DatasetError, TrainingFailed) as e:
+    except (ConfigError, DatasetError, TrainingFailed, store.DiskFull) as e:
         print(f"lorabake: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from lorabake import config
+from lorabake import config, project_file
 
 HEADER = """# Option reference
 
@@ -103,5 +103,5 @@ def table(rows: list[tuple[str, ...]]) -> str:
 def option_reference() -> str:
     sections = [HEADER, "## Run options (`defaults:` and `configs/runs/*.yaml`)\n", table(field_rows(config.RunConfig)),
                 "", SWEEP, "## Project file (`configs/config.yaml`)\n",
-                table(field_rows(config.ProjectFile)), ""]
+                table(field_rows(project_file.ProjectFile)), ""]
     return "\n".join(sections)

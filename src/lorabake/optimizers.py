@@ -21,7 +21,6 @@ import importlib
 import importlib.util
 import inspect
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

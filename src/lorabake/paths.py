@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
-from lorabake.data.buckets import BucketSpec
 from lorabake import names
+from lorabake.data.buckets import BucketSpec
 
 WILDCARD = re.compile(r"\{[A-Za-z_]\w*\}")
 

@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lorabake import names
-from lorabake.config import ConfigError, ProjectFile, RunConfig
+from lorabake.config import ConfigError, RunConfig
+from lorabake.project_file import ProjectFile
 
 
 class Project(BaseModel):

@@ -1,7 +1,7 @@
 """kohya's sample-prompt syntax, parsed without torch.
 
 A prompt line reads `a red circle --n blurry --w 128 --h 128 --d 7 --l 7.5 --s 20` (negative prompt,
-width, height, seed, CFG scale, steps). The config check (`lorabake.config.Samples`) and the sampler
+width, height, seed, CFG scale, steps). The config check (`lorabake.project_file.Samples`) and the sampler
 (`lorabake.render.sample`) both parse with this, so a prompt the config accepted is one the sampler
 reads.
 """

@@ -10,12 +10,12 @@ from functools import cached_property
 from pathlib import Path
 
 from lorabake import paths, store
-from lorabake.data.buckets import BucketSpec
 from lorabake.checks import check_project
 from lorabake.config import MAX_STEPS, STEPS_WHY, ConfigError, RunConfig
-from lorabake.project import Project, load_project
-from lorabake.data.scan_cache import image_sha256
+from lorabake.data.buckets import BucketSpec
 from lorabake.data.dataset import Dataset, caption_digest, scan_dataset
+from lorabake.data.scan_cache import image_sha256
+from lorabake.project import Project, load_project
 from lorabake.train.plan import TrainingPlan, kept_epochs, plan_training
 
 TRAINER_VERSION = 2  # bump when training semantics change: every run retrains

@@ -15,7 +15,7 @@ from lorabake.kohya.bookkeeping import KohyaImport, _Importer
 from lorabake.kohya.datasets import _map_datasets
 from lorabake.kohya.network import _map_network
 from lorabake.kohya.optimizer import _map_optimizer, _map_schedule
-from lorabake.kohya.readers import _Subset, _all_dataset_entries, _existing_file, _read_config, _read_dataset_toml
+from lorabake.kohya.readers import _all_dataset_entries, _existing_file, _read_config, _read_dataset_toml, _Subset
 from lorabake.kohya.training import (_map_attention, _map_duration, _map_noise, _map_samples, _map_simple,
                                      _map_stop_text_encoder)
 from lorabake.kohya.values import KohyaImportError, _text

@@ -8,8 +8,8 @@ from lorabake.config import ALGOS, BLOCKS, LYCORIS_ARGS
 from lorabake.kohya.bookkeeping import _Importer, _lorabake_default, _put, _reason_not_carried
 from lorabake.kohya.values import (Entry, KohyaImportError, _boolean, _integer, _key_value_args, _number, _numbers,
                                    _off, _text)
-from lorabake.kohya.vocabulary import (GUI_ARG_NAMES, GUI_NETWORKS, GUI_NETWORK_KEYS, LYCORIS_MODULE, MODULES,
-                                       NetworkKind, SPECIFIC_REASONS, TUCKER_ALIASES)
+from lorabake.kohya.vocabulary import (GUI_ARG_NAMES, GUI_NETWORK_KEYS, GUI_NETWORKS, LYCORIS_MODULE, MODULES,
+                                       SPECIFIC_REASONS, TUCKER_ALIASES, NetworkKind)
 
 
 def _network_source(imp: _Importer) -> tuple[Entry | None, str, str | None, dict[str, Entry]]:

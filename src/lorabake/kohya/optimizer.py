@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorabake.config import OPTIMIZERS
 from lorabake import optimizers
+from lorabake.config import OPTIMIZERS
 from lorabake.kohya.bookkeeping import _Importer, _put
 from lorabake.kohya.values import Entry, _boolean, _integer, _key_value_args, _number, _text
-from lorabake.kohya.vocabulary import OPTIMIZERS_APPROXIMATE, OPTIMIZER_NAMES, SCHEDULERS, SD_SCRIPTS_DEFAULTS
+from lorabake.kohya.vocabulary import OPTIMIZER_NAMES, OPTIMIZERS_APPROXIMATE, SCHEDULERS, SD_SCRIPTS_DEFAULTS
 
 
 def _optimizer_type(imp: _Importer) -> tuple[Entry | None, str | None]:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from lorabake.kohya.bookkeeping import _Importer, _put
 from lorabake.kohya.readers import _existing_file
-from lorabake.kohya.values import (Entry, _NotCarried, _boolean, _clip_skip, _count_or_none, _integer, _number, _off,
+from lorabake.kohya.values import (Entry, _boolean, _clip_skip, _count_or_none, _integer, _NotCarried, _number, _off,
                                    _one_of, _positive_or_none, _save_precision, _text, _unset)
 from lorabake.kohya.vocabulary import SAMPLERS, TOTAL_STEPS_DEFAULT
 

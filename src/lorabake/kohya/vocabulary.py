@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-
 # kohya key → lorabake key, for every key that is carried over. The GUI's own names (optimizer,
 # max_resolution, lr_warmup, epoch, LoRA_type…) are listed beside sd-scripts' argparse names.
 # lorabake_key_for and docs/migration.md read this table.

@@ -29,8 +29,7 @@ import torch
 from lorabake import store
 from lorabake.models import bases, keys
 from lorabake.models.keys import (ARCH_MARKERS, PICKLE_SUFFIXES, TEXT_ENCODER_PREFIXES, TOKEN_EMBEDDINGS, UNET,
-                                  HeaderError, architecture_of,
-                                        describe_markers, read_header)
+                                  HeaderError, architecture_of, describe_markers, read_header)
 
 CONFIG_ROOT = Path(__file__).with_name("model_configs")
 PREDICTIONS = ("epsilon", "v_prediction")

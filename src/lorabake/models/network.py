@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from lorabake.config import ALGOS, BLOCKS, Network
 from lorabake.models import keys, sd_layout
 from lorabake.models.blocks import block_of, block_values
-from lorabake.config import ALGOS, BLOCKS, Network
 
 PRESET_DIR = Path(__file__).parent / "presets"
 LINEAR_PRESET = PRESET_DIR / "kohya-lora.toml"

@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from lorabake.config import Pivotal
+from lorabake.project_file import Samples
 from lorabake.models import network
+from lorabake.prompts import Prompt, parse_prompt
 from lorabake.render import grid
 from lorabake.train import pivotal
-from lorabake.config import Pivotal, Samples
-from lorabake.prompts import Prompt, parse_prompt
 
 SAMPLERS = {"euler_a": "EulerAncestralDiscreteScheduler", "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler"}
 

@@ -19,7 +19,6 @@ then an SVD of the small rank×rank core), so a module costs O((out + in)·rank�
 from __future__ import annotations
 
 import json
-
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from lorabake.data import buckets, latents
 from lorabake.config import RunConfig
+from lorabake.data import buckets, latents
 from lorabake.train.plan import Entry
 
 HUE_SHIFT_DEGREES = 8  # kohya's color_aug: a random hue shift of at most ±8°

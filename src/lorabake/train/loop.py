@@ -21,14 +21,12 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from lorabake import paths, store
-from lorabake.models import bases, lora_format, network
-from lorabake.render import plots
-from lorabake import optimizers
-from lorabake.train import optim, pivotal
+from lorabake import optimizers, paths, store
 from lorabake.config import ConfigError, RunConfig
 from lorabake.data.dataset import Dataset
-from lorabake.train import captions, losses, state
+from lorabake.models import bases, lora_format, network
+from lorabake.render import plots
+from lorabake.train import captions, losses, optim, pivotal, state
 from lorabake.train.data import CachedLatents, PixelLatents
 from lorabake.train.plan import Entry, TrainingPlan, batches, epoch_entries, plan_training, saved_epochs
 

@@ -191,8 +191,7 @@ class UpdateRule:
 def update_rules() -> dict[type, UpdateRule]:
     """The rule of each lycoris module kind this trainer can bound (lycoris itself has none for IA3,
     Full, DyLoRA and GLoRA, so kohya silently skips them)."""
-    from lycoris.modules import (DyLoraModule, FullModule, GLoRAModule, IA3Module, LoConModule, LohaModule,
-                                 LokrModule)
+    from lycoris.modules import DyLoraModule, FullModule, GLoRAModule, IA3Module, LoConModule, LohaModule, LokrModule
 
     return {
         LoConModule: UpdateRule(lambda m: m.make_weight() * m.scale, _shrink_multilinear),

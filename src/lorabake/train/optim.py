@@ -10,7 +10,6 @@ from typing import Any
 
 from lorabake.optimizers import OPTIMIZER_SPECS, check_args, check_pairing, import_class, keyword_args, relative_step
 
-
 # ---------------------------------------------------------------- building the optimizer
 
 def make_optimizer(type: str, param_groups: list[dict], lr: float, args: dict[str, Any]):

@@ -7,8 +7,8 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from lorabake.data import buckets
 from lorabake.config import RunConfig
+from lorabake.data import buckets
 from lorabake.data.dataset import Dataset, ImageItem, bucket_steps, epoch_items
 
 

@@ -1,6 +1,6 @@
 """`lorabake import-kohya`: kohya_ss GUI JSON and sd-scripts TOML (+ dataset TOML) in, lorabake runs out.
 
-The sample inputs in tests/data/kohya/ are written the way the tools write them: a kohya_ss GUI save of an
+The sample inputs in tests/fixtures/kohya/ are written the way the tools write them: a kohya_ss GUI save of an
 SD1.5 LoCon, an SDXL GUI save, and an sd-scripts --config_file (tables as kohya's docs group them) for a
 LyCORIS LoHa with a --dataset_config of a training and a regularization subset.
 """
@@ -16,12 +16,13 @@ import yaml
 
 from lorabake import cli
 from lorabake.config import RunConfig
+from lorabake.kohya import LORABAKE_KEYS, NOTHING_LOST, KohyaImportError, import_kohya, lorabake_key_for, write_import
 from lorabake.project import load_project
-from lorabake.kohya import (LORABAKE_KEYS, NOTHING_LOST, KohyaImportError, import_kohya, lorabake_key_for,
-                            write_import)
 
-DATA = Path(__file__).parent / "data" / "kohya"
-MIGRATION_DOC = Path(__file__).resolve().parents[1] / "docs" / "migration.md"
+from conftest import REPO
+
+DATA = REPO / "tests" / "fixtures" / "kohya"
+MIGRATION_DOC = REPO / "docs" / "migration.md"
 
 
 def reasons(result) -> dict[str, str]:

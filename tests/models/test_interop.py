@@ -23,9 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorabake.models import bases, lora_format, network
 from lorabake.config import Network
-
+from lorabake.models import bases, lora_format, network
 
 # An alpha below dim, and another for 3×3 convs, so a client that ignores alpha or reads one for all fails.
 LORA = Network(algo="lora", dim=4, alpha=2)

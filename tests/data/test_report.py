@@ -5,20 +5,19 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
-from lorabake.data.buckets import BucketSpec, place
-import yaml
-
+from lorabake.data.buckets import BucketSpec
 from lorabake.data.dataset import Dataset, epoch_items, scan_dataset
 from lorabake.data.report import build_report, render_markdown, write_report
+
 
 SPEC = BucketSpec(resolution=(64, 64), min_size=32, max_size=128, step=32)
 RUNS = {"short": {"batch_size": 2, "grad_accum": 1, "epochs": 3, "max_steps": None, "steps_per_epoch": 10,
                   "total_steps": 30},
         "capped": {"batch_size": 1, "grad_accum": 1, "epochs": 10, "max_steps": 7, "steps_per_epoch": 32,
                    "total_steps": 7}}
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_image(path: Path, size: tuple[int, int], caption: str | None = None) -> None:

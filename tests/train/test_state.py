@@ -11,8 +11,8 @@ import torch
 
 from lorabake import store
 from lorabake.train import state as training_state
-from lorabake.train.state import (StateError, flatten, latest_state, load_state, prune, save_state,
-                                  state_dir_name, state_dirs, unflatten)
+from lorabake.train.state import (StateError, flatten, latest_state, load_state, prune, save_state, state_dir_name,
+                                  state_dirs, unflatten)
 
 TOTAL_STEPS, STOP_AT = 10, 4
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lorabake import optimizers
-from lorabake.train import optim
 from lorabake.config import OPTIMIZERS
+from lorabake.train import optim
 
 # A learning rate (and args) under which each optimizer visibly learns the toy task in 30 steps.
 TRAINING = {

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorabake.models import bases, network
 from lorabake.config import Loss
+from lorabake.models import bases, network
 from lorabake.train import losses
 
 

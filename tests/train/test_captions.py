@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lorabake.models import bases
 from lorabake.config import Captions
+from lorabake.models import bases
 from lorabake.train.captions import encode_captions, parse_weighted, process_caption, window_ids
 
 TAGS = [f"tag{i}" for i in range(10)]

@@ -12,12 +12,11 @@ import pytest
 from PIL import Image
 
 from lorabake.data.buckets import BucketSpec, place
-from lorabake.data.dataset import (
-    DatasetError, caption_digest, epoch_items, image_files, normalize_caption, scan_dataset,
-    bucket_steps, split_tags,
-)
+from lorabake.data.dataset import (DatasetError, bucket_steps, caption_digest, epoch_items, image_files,
+                                   normalize_caption, scan_dataset, split_tags)
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 DEMO = REPO / "datasets" / "demo"
 
 

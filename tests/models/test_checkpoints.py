@@ -27,7 +27,8 @@ from lorabake import cli, paths
 from lorabake.models import bases, network, sd_layout
 from lorabake.workspace import Workspace
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 # config key of the base → (builtin it is made from, architecture and prediction it must be detected as)
 SINGLE_FILES = {"sd1": ("tiny-sd", "sd1", "epsilon"), "sd2v": ("tiny-sd2-v", "sd2", "v_prediction"),
                 "sdxl": ("tiny-sdxl", "sdxl", "epsilon")}

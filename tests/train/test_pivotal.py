@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lorabake.models import bases
 from lorabake.config import Pivotal
+from lorabake.models import bases
 from lorabake.train import pivotal
 
 TOK = Pivotal(token="TOK", num_new_tokens=2)

@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorabake.models import bases
+from lorabake.models import bases, network as lorabake_network
 from lorabake.tools import lora_tools
-from lorabake.models import network as lorabake_network
 
 # (module name, ΔW shape): Linear layers, a 3×3 conv (LoCon) and a 1×1 conv
 SHAPES = {"lora_unet_attn_to_q": (24, 16), "lora_te_mlp_fc1": (40, 12),
