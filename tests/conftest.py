@@ -13,6 +13,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that run Snakemake share the session's built demo project: with pytest-xdist they form
+    one group, run by one worker, which builds it once; every other test goes to any worker."""
+    for item in items:
+        if item.get_closest_marker("workflow") is not None:
+            item.add_marker(pytest.mark.xdist_group("workflow"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """In-process tests run torch on one thread: the tiny models' ops are too small to share, and on
