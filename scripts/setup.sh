@@ -10,6 +10,7 @@ TORCH=${LORABAKE_TORCH:-torch==2.13.0}   # CUDA users: set LORABAKE_TORCH to the
 pip() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
 .venv/bin/python -c "import torch" 2>/dev/null || pip "$TORCH"
 pip -r envs/requirements-cpu.txt
+[ -z "${LORABAKE_FARM:-}" ] || pip -r envs/requirements-slurm.txt   # farms: the SLURM executor plugin
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('open_clip')" 2>/dev/null \
   || pip --no-deps "open-clip-torch>=2.24,<4"
 pip --no-deps -e .

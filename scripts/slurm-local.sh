@@ -43,6 +43,16 @@ install_missing() {
 
 # The node line is what slurmd itself measures (`slurmd -C`), so the node never drains for
 # "Low RealMemory" or a CPU mismatch.
+install_plugin() {  # the farm set of the project's venv (not installed by default: envs/requirements-slurm.txt)
+    local repo venv
+    repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    venv="$repo/.venv/bin/python"
+    [ -x "$venv" ] || return 0
+    "$venv" -c "import snakemake_executor_plugin_slurm" 2>/dev/null && return 0
+    log "installing the SLURM executor plugin into $repo/.venv (envs/requirements-slurm.txt)"
+    "$venv" -m pip install --quiet --disable-pip-version-check -r "$repo/envs/requirements-slurm.txt"
+}
+
 node_line() {
     local measured
     measured=$(slurmd -C | head -n 1)
@@ -174,6 +184,7 @@ start() {
     [ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages and starts daemons)"
     mkdir -p "$SCRATCH"
     install_missing
+    install_plugin
     make_gpu_files
     if ! is_running slurmctld || ! is_running slurmd; then
         write_config

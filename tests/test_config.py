@@ -136,3 +136,31 @@ def test_base_needs_exactly_one_source(tmp_path):
         load_project(project(tmp_path, "", CONFIG.replace("{builtin: tiny-sd}", "{builtin: tiny-sd, path: x}")))
     with pytest.raises(ConfigError, match="does not exist"):
         Workspace.load(project(tmp_path, "", CONFIG.replace("{builtin: tiny-sd}", "{path: missing.safetensors}")))
+
+
+def test_a_bad_default_is_blamed_on_config_yaml_not_a_run_file(tmp_path):
+    config = CONFIG.replace("resolution: 128", "resolution: 128x")
+    with pytest.raises(ConfigError) as error:
+        load_project(project(tmp_path, "network: {dim: 8}\n", config))
+    lines = str(error.value).splitlines()
+    assert lines and all(line.startswith(f"{tmp_path / 'config.yaml'}: defaults.resolution: ") for line in lines), lines
+    assert "sweep point" not in str(error.value)
+
+
+def test_a_resolution_above_buckets_max_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"a.yaml: .*resolution 512x512 has a side larger than buckets.max \(256\)"):
+        load_project(project(tmp_path, "resolution: 512\nbuckets: {min: 64, max: 256}\n"))
+    load_project(project(tmp_path, "resolution: 512\nbuckets: {enabled: false, max: 256}\n"))  # no buckets: fine
+
+
+def test_a_yaml_bomb_is_refused_within_a_second(tmp_path):
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    bomb = "network:\n  args:\n" + "".join(f"    {line}\n" for line in lines)  # 10^9 values
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"a.yaml: expands to more than 100,000 values"):
+        load_project(project(tmp_path, bomb))
+    assert time.monotonic() - started < 1

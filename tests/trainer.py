@@ -30,12 +30,16 @@ class Trainer:
         data = project.deep_merge(QUICK, overrides) if quick else overrides
         (self.project / "configs/runs" / f"{name}.yaml").write_text(yaml.safe_dump(data))
 
-    def train(self, name: str, overrides: dict | None = None, quick: bool = True) -> "Result":
+    def prepare(self, name: str, overrides: dict | None = None, quick: bool = True) -> None:
+        """Write the run's config and cache the latents it needs."""
         self.write_run(name, overrides or {}, quick)
         ws = Workspace.load(self.project / "configs/config.yaml")
         for (dataset, spec), job in ws.latent_jobs.items():
             if not Path(paths.latent_index(dataset, spec)).exists():
                 self.cli("cache-latents", "--dataset", dataset, "--spec", spec)
+
+    def train(self, name: str, overrides: dict | None = None, quick: bool = True) -> "Result":
+        self.prepare(name, overrides, quick)
         self.cli("train", "--run", name)
         return Result(self.project, name)
 

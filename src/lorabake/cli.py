@@ -104,7 +104,7 @@ def cmd_train(ws: Workspace, args) -> None:
     import os
 
     from lorabake.data import latents
-    from lorabake.train.loop import RunInputs, train
+    from lorabake.train.loop import Diverged, RunInputs, train
 
     run, root = ws.run(args.run), ws.project.root
     if run.processes > 1 and "WORLD_SIZE" not in os.environ:
@@ -123,8 +123,11 @@ def cmd_train(ws: Workspace, args) -> None:
         index["store"] = str(root / paths.latent_store(index["vae_id"], ws.latent_job(args.run, ds).spec))
     for folder in (paths.epochs_dir(args.run), paths.steps_dir(args.run)):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    train(RunInputs(args.run, run, root / paths.base_dir(run.base), datasets, indexes, facts,
-                    root=ws.project.root, digest=store.digest(params)))
+    try:
+        train(RunInputs(args.run, run, root / paths.base_dir(run.base), datasets, indexes, facts,
+                        root=ws.project.root, digest=store.digest(params)))
+    except Diverged as error:
+        raise TrainingFailed(str(error)) from None
 
 
 # ss_tag_frequency is for people and viewers, which show a folder's top few dozen tags: the most common
@@ -383,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         for warning in ws.project.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         args.func(ws, args)
-    except (ConfigError, DatasetError, TrainingFailed, store.DiskFull) as e:
+    except (ConfigError, DatasetError, TrainingFailed, store.DiskFull, store.NonFiniteWeights) as e:
         print(f"lorabake: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -412,6 +412,10 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
+        if self.buckets.enabled and max(self.size) > self.buckets.max:  # kohya refuses it too
+            raise ValueError(f"resolution {self.size[0]}x{self.size[1]} has a side larger than buckets.max "
+                             f"({self.buckets.max}): every image would train at most {self.buckets.max} px wide; "
+                             "raise buckets.max or lower the resolution")
         pixels = [name for name in ("color", "random_crop") if getattr(self.augment, name)]
         if pixels and self.training.cache_latents:
             raise ValueError(f"augment.{pixels[0]} changes the pixels every step, so latents cannot be cached: "

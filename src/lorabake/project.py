@@ -68,18 +68,41 @@ def read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    if _expanded_size(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{path}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML anchors and aliases "
+                          "repeating each other, a 'billion laughs'); a real config holds a few hundred")
     return data
 
 
-def _has_key(data: Any, loc: tuple) -> bool:
-    for part in loc:
+# YAML aliases share one object: a few lines can stand for 10^9 values, which validation and
+# merging would walk one by one. Real configs hold a few hundred values; sweeps a few thousand.
+MAX_CONFIG_VALUES = 100_000
+
+
+def _expanded_size(data: Any, cap: int) -> int:
+    """How many values `data` holds with every alias expanded, counting no further than past `cap`."""
+    count, stack = 0, [data]
+    while stack and count <= cap:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict):
+            stack += list(value.keys()) + list(value.values())
+        elif isinstance(value, list):
+            stack += value
+    return count
+
+
+def _spelled(data: Any, loc: tuple) -> tuple[int, bool]:
+    """How many leading parts of `loc` the data spells, and whether it ends at a plain value (then
+    the rest of `loc` names pydantic's union branches, e.g. `resolution.int`, not keys)."""
+    for depth, part in enumerate(loc):
         if isinstance(data, dict) and part in data:
             data = data[part]
         elif isinstance(data, list) and isinstance(part, int) and part < len(data):
             data = data[part]
         else:
-            return False
-    return True
+            return depth, depth > 0 and not isinstance(data, (dict, list))
+    return len(loc), True
 
 
 Source = tuple[Path, dict[str, Any], str]  # file, the data it contributed, key prefix inside it
@@ -87,15 +110,19 @@ Source = tuple[Path, dict[str, Any], str]  # file, the data it contributed, key 
 
 def format_errors(error: ValidationError, sources: list[Source]) -> str:
     """One line per problem: the file it came from, the dotted key path there, and pydantic's message.
-    The first source that spells the key is blamed (a run file before the defaults under it)."""
+    The source that spells most of the key is blamed, the first of equals (a run file before the
+    defaults under it): a bad value written in `defaults` names config.yaml, not a run file."""
     lines = []
     for problem in error.errors():
         loc = tuple(problem["loc"])
         is_key = loc[-1:] == ("[key]",)  # a mapping's key was refused, not its value
         if is_key:
             loc = loc[:-2]
-        path, _, prefix = next((s for s in sources if _has_key(s[1], loc)), sources[0])
-        key = ".".join(str(part) for part in loc) or "(top level)"
+        spelled = [_spelled(data, loc) for _, data, _ in sources]
+        best = max(range(len(sources)), key=lambda i: (spelled[i][0], -i))
+        path, _, prefix = sources[best]
+        depth, at_value = spelled[best]
+        key = ".".join(str(part) for part in (loc[:depth] if at_value else loc)) or "(top level)"
         message = problem["msg"].removeprefix("Value error, ")
         lines.append(f"{path}: {prefix}{key}: {'key ' if is_key else ''}{message}")
     return "\n".join(lines)

@@ -300,5 +300,22 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
     return len(text).to_bytes(8, "little") + text + blob[8 + length :]
 
 
-def write_safetensors(destination: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+class NonFiniteWeights(ValueError):
+    """Weights holding NaN or inf, refused before they are written: a file other tools would load
+    and render as black or noise images (PEFT's safe merge checks the same)."""
+
+
+def write_safetensors(destination: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None,
+                      finite: bool = True) -> None:
+    """Write tensors atomically; with `finite` (weights, latents), refuse NaN or inf in any of them."""
+    if finite:
+        require_finite(tensors, destination)
     write_bytes(destination, safetensors_bytes(tensors, metadata))
+
+
+def require_finite(tensors: dict, destination: str | os.PathLike) -> None:
+    broken = sorted(key for key, tensor in tensors.items()
+                    if tensor.is_floating_point() and not bool(tensor.isfinite().all()))
+    if broken:
+        raise NonFiniteWeights(f"{destination}: not written: {len(broken)} tensor(s) hold NaN or inf, e.g. "
+                               f"{broken[:3]}; the run or merge that made them diverged")

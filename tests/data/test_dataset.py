@@ -74,7 +74,8 @@ def test_custom_caption_extension(tmp_path: Path) -> None:
     make_image(tmp_path / "1_x" / "a.png")
     (tmp_path / "1_x" / "a.caption").write_text("x, blue")
     assert scan_dataset(tmp_path, "t", caption_extension=".caption").items[0].caption == "x, blue"
-    assert "a.caption" in error_of(tmp_path)  # with the default .txt it is an unsupported file
+    with_txt = scan_dataset(tmp_path, "t")  # with the default .txt it is reported and not read
+    assert with_txt.other_captions == ("1_x/a.caption",) and with_txt.items[0].caption == "x"
 
 
 def test_extensions_in_any_case(tmp_path: Path) -> None:
@@ -241,3 +242,29 @@ def test_demo_generator_matches_committed_dataset(tmp_path: Path) -> None:
     committed = scan_dataset(DEMO, "demo")
     assert caption_digest(regenerated) == caption_digest(committed)
     assert [(i.width, i.height) for i in regenerated.items] == [(i.width, i.height) for i in committed.items]
+
+
+def test_os_clutter_is_skipped_and_listed(tmp_path):
+    """Windows' and macOS' files stop nothing: kohya skips them, and the report lists them."""
+    make_image(tmp_path / "3_cat" / "a.png", caption="cat")
+    clutter = ["3_cat/Thumbs.db", "3_cat/desktop.ini", "3_cat/.DS_Store", "3_cat/._a.png", "Thumbs.db",
+               "3_cat/.ipynb_checkpoints/a-checkpoint.txt"]
+    for rel in clutter:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"\0\1 not an image")
+    dataset = scan_dataset(tmp_path, "cats")
+    assert [item.rel for item in dataset.items] == ["3_cat/a.png"]
+    assert set(dataset.skipped) == {"3_cat/Thumbs.db", "3_cat/desktop.ini", "3_cat/.DS_Store", "3_cat/._a.png",
+                                    "Thumbs.db", "3_cat/.ipynb_checkpoints"}
+
+
+def test_a_caption_of_another_extension_is_reported_not_fatal(tmp_path):
+    make_image(tmp_path / "3_cat" / "a.png", caption="cat, from the txt")
+    (tmp_path / "3_cat" / "a.caption").write_text("cat, from another tagger")
+    (tmp_path / "3_cat" / "b.png").write_bytes((tmp_path / "3_cat" / "a.png").read_bytes())
+    (tmp_path / "3_cat" / "b.caption").write_text("only a .caption")
+    dataset = scan_dataset(tmp_path, "cats")
+    captions = {item.rel: item.caption for item in dataset.items}
+    assert captions == {"3_cat/a.png": "cat, from the txt", "3_cat/b.png": "cat"}  # b: the folder's concept
+    assert dataset.other_captions == ("3_cat/a.caption", "3_cat/b.caption")
+    assert scan_dataset(tmp_path, "cats", ".caption").other_captions == ("3_cat/a.txt",)

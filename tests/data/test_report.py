@@ -110,3 +110,13 @@ def test_write_report_writes_json_markdown_and_chart(dataset: Dataset, tmp_path:
     assert (out.parent / "report.md").read_text() == render_markdown(report)
     assert (out.parent / "buckets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "pets" in capsys.readouterr().out
+
+
+def test_skipped_os_files_and_other_captions_are_listed(tmp_path: Path) -> None:
+    make_image(tmp_path / "4_cat" / "a.png", (64, 64), "cat")
+    (tmp_path / "4_cat" / "Thumbs.db").write_bytes(b"\0")
+    (tmp_path / "4_cat" / "a.caption").write_text("cat, other tagger")
+    report = build_report(scan_dataset(tmp_path, "pets"), SPEC, {})
+    assert (report["skipped_files"], report["other_captions"]) == (["4_cat/Thumbs.db"], ["4_cat/a.caption"])
+    text = render_markdown(report)
+    assert "Caption files not read (1" in text and "`4_cat/a.caption`" in text and "`4_cat/Thumbs.db`" in text

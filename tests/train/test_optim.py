@@ -278,3 +278,17 @@ def test_adafactor_with_a_manual_lr_takes_any_schedule():
 ])
 def test_describe_writes_kohyas_ss_optimizer(kind, args, expected):
     assert optimizers.describe(kind, args) == expected
+
+
+def test_the_bitsandbytes_kernel_notice_never_reaches_a_job_log():
+    """bitsandbytes warns at import, on AVX512-BF16 CPUs, that it could not fetch a Hub kernel; the
+    record is built here as bitsandbytes builds it, so the test holds on any CPU."""
+    import logging
+
+    import lorabake  # noqa: F401 — installs the filter
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    notice = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "Failed to load CPU gemm_4bit_forward "
+                               "from kernels-community: %s.", ("no network",), None)
+    other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "another warning", (), None)
+    assert [logger.filter(record) for record in (notice, other)] == [False, True]

@@ -1,6 +1,7 @@
 """Each training option does what it says: checked on what real training of the tiny model writes."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorabake import config, paths, project
+from lorabake import cli, config, paths, project
 from lorabake.models import bases, network
 from lorabake.train import loop
 
@@ -183,6 +184,9 @@ def test_resume_reproduces_the_uninterrupted_file(trainer, monkeypatch):
     settings = {"training": {"max_steps": 12}, "save": {"every_n_steps": 4, "state": True}}
     whole = trainer.train("resume", settings)
     expected, expected_records = whole.lora.read_bytes(), whole.records
+    steps_dir = Path(paths.run_lora("resume")).parent / "steps"
+    expected_steps = {p.name: p.read_bytes() for p in steps_dir.iterdir()}
+    assert sorted(expected_steps) == ["resume-s000004.safetensors", "resume-s000008.safetensors"]
     shutil.rmtree(paths.run_dir("resume"))
 
     original = loop.train_step
@@ -194,12 +198,14 @@ def test_resume_reproduces_the_uninterrupted_file(trainer, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer.train("resume", settings)
     assert not os.path.exists(paths.run_lora("resume"))
-    assert sorted(p.name for p in Path(paths.state_root("resume")).iterdir()) == ["step-000004", "step-000008"]
+    assert sorted(p.name for p in Path(paths.state_root("resume")).glob("step-*")) == ["step-000004", "step-000008"]
     monkeypatch.setattr(loop, "train_step", original)
+    shutil.rmtree(steps_dir)  # what Snakemake does to a failed job's outputs before it runs it again
 
     resumed = trainer.train("resume", settings)
     assert resumed.lora.read_bytes() == expected
     assert resumed.records == expected_records  # steps 1…12, each once, with the same losses
+    assert {p.name: p.read_bytes() for p in steps_dir.iterdir()} == expected_steps  # restored, byte for byte
 
 
 def test_keep_last_prunes_old_epoch_files(trainer):
@@ -328,3 +334,33 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(trainer):
     assert max(((w1[k] - w2[k]).norm() / w1[k].norm()).item() for k in w1 if w1[k].norm() > 0) < 1e-2
     assert two.metadata()["ss_num_processes"] == "2"
     assert sorted(p.name for p in (trainer.project / "results/runs/dp-two/epochs").iterdir()) == ["dp-two-e0001.safetensors"]
+
+
+def test_a_diverging_run_stops_at_the_first_nan_and_keeps_the_last_good_file(trainer, monkeypatch, capsys):
+    """kohya trains on through NaN and saves a LoRA of NaN; lorabake stops at the step and says why."""
+    from lorabake.train import loop
+
+    healthy = loop.micro_batch_loss
+
+    def diverges_at_step_3(s, batch, epoch, step, rng, generator):
+        loss = healthy(s, batch, epoch, step, rng, generator)
+        return loss * float("nan") if step == 3 else loss
+
+    monkeypatch.setattr(loop, "micro_batch_loss", diverges_at_step_3)
+    trainer.prepare("diverges", {"save": {"every_n_steps": 1}, "training": {"max_steps": 6}})
+    assert cli.main(["--config", str(trainer.project / "configs/config.yaml"), "train", "--run", "diverges"]) == 2
+    error = capsys.readouterr().err
+    assert "run diverges: the loss is nan at step 3" in error and "lower optimizer.lr" in error
+    records = [json.loads(line) for line in Path(paths.train_log("diverges")).read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["loss"] is None
+    kept = Path(paths.run_dir("diverges")) / "diverged" / Path(paths.step_lora("diverges", 2)).name
+    assert kept.read_bytes() == Path(paths.step_lora("diverges", 2)).read_bytes()
+    assert not Path(paths.step_lora("diverges", 3)).exists() and not Path(paths.run_lora("diverges")).exists()
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    from lorabake import store
+
+    with pytest.raises(store.NonFiniteWeights, match=r"lora.safetensors: not written: 1 tensor.*'b'"):
+        store.write_safetensors(tmp_path / "lora.safetensors", {"a": torch.ones(2), "b": torch.tensor([1.0, math.inf])})
+    assert list(tmp_path.iterdir()) == []

@@ -31,6 +31,13 @@ from lorabake import store
 from lorabake.data.scan_cache import ImageFacts, ScanCache
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# What operating systems and tools leave in folders: Windows' thumbnail caches and folder settings,
+# macOS' Finder data and AppleDouble forks, Jupyter's checkpoints. kohya skips them; so does the scan
+# (the dataset report lists them).
+OS_CLUTTER = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", ".ds_store", ".ipynb_checkpoints"})
+# Caption extensions taggers and kohya write (kohya's default is .caption): one beside an image that
+# is not the configured extension is reported and not read, never an error.
+CAPTION_EXTENSIONS = (".txt", ".caption", ".cap", ".tags")
 REG_FOLDER = "reg"
 EXIF_ORIENTATION = 0x0112
 FOLDER_NAME = re.compile(r"(\d+)_(.+)")
@@ -64,6 +71,8 @@ class Dataset:
     name: str
     root: Path
     items: tuple[ImageItem, ...]  # sorted by rel
+    skipped: tuple[str, ...] = ()  # OS clutter (Thumbs.db, .DS_Store, ._*, …), relative to root
+    other_captions: tuple[str, ...] = ()  # caption files with another extension than the configured one
 
     @property
     def train_items(self) -> tuple[ImageItem, ...]:
@@ -95,11 +104,21 @@ def _visible(folder: Path) -> list[Path]:
     return [Path(entry.path) for entry in _visible_entries(folder)]
 
 
-def _visible_entries(folder: Path) -> list[os.DirEntry]:
+def _visible_entries(folder: Path, clutter: list[str] | None = None) -> list[os.DirEntry]:
     """`_visible` as directory entries, sorted by name: they know their type without a stat call,
-    which matters in folders of thousands of images listed on every Snakemake parse."""
+    which matters in folders of thousands of images listed on every Snakemake parse. Hidden and
+    OS-clutter entries are left out; with `clutter`, the clutter's paths are added to it."""
     with os.scandir(folder) as entries:
-        return sorted((entry for entry in entries if not entry.name.startswith(".")), key=lambda e: e.name)
+        listed = sorted(entries, key=lambda e: e.name)
+    if clutter is not None:
+        clutter += [entry.path for entry in listed if is_clutter(entry.name)]
+    return [entry for entry in listed if not entry.name.startswith(".") and not is_clutter(entry.name)]
+
+
+def is_clutter(name: str) -> bool:
+    """A file or folder an operating system or tool left, which no dataset means to hold."""
+    lower = name.lower()
+    return lower in OS_CLUTTER or lower.startswith("._")
 
 
 def _require_root(root: Path) -> None:
@@ -142,6 +161,8 @@ class _Problems:
 
     def __init__(self) -> None:
         self.by_message: dict[str, list[str]] = {}
+        self.skipped: list[str] = []         # OS clutter, skipped (absolute paths)
+        self.other_captions: list[str] = []  # caption files of another extension, not read
 
     def add(self, message: str, entry: str) -> None:
         self.by_message.setdefault(message, []).append(entry)
@@ -176,18 +197,23 @@ def scan_dataset(root: Path, name: str, caption_extension: str = ".txt",
     if not any(not item.is_reg for item in items):
         problems.add("no training images; add images to <root>/<repeats>_<concept>/", str(root))
     problems.raise_if_any(root)
-    return Dataset(name=name, root=root, items=tuple(sorted(items, key=lambda item: item.rel)))
+    return Dataset(name=name, root=root, items=tuple(sorted(items, key=lambda item: item.rel)),
+                   skipped=_relative(problems.skipped, root), other_captions=_relative(problems.other_captions, root))
+
+
+def _relative(found: list[str], root: Path) -> tuple[str, ...]:
+    return tuple(sorted(Path(path).relative_to(root).as_posix() for path in found))
 
 
 def _check_loose_files(root: Path, problems: _Problems) -> None:
     """Files must sit in an image folder; a README or notes in the root are fine."""
-    for path in _visible(root):
+    for path in (Path(entry.path) for entry in _visible_entries(root, problems.skipped)):
         if path.is_file() and not (path.name.upper().startswith("README") or path.suffix.lower() == ".md"):
             problems.add("files directly in the dataset root; move them into a <repeats>_<concept> "
                          "folder or delete them", str(path))
     reg = root / REG_FOLDER
     if reg.is_dir():
-        for path in _visible(reg):
+        for path in (Path(entry.path) for entry in _visible_entries(reg, problems.skipped)):
             if path.is_file():
                 problems.add("files directly in reg/; move them into reg/<repeats>_<class>/", str(path))
 
@@ -237,12 +263,14 @@ def _pair_files(folder: Path, caption_extension: str,
                 problems: _Problems) -> tuple[list[os.DirEntry], dict[str, os.DirEntry]]:
     """The folder's images and its captions keyed by stem; anything else is a problem."""
     images, captions = [], {}
-    for entry in _visible_entries(folder):
+    for entry in _visible_entries(folder, problems.skipped):
         is_file = entry.is_file()
         if is_file and _is_image_name(entry.name):
             images.append(entry)
         elif is_file and entry.name.lower().endswith(caption_extension):
             captions[entry.name[: -len(caption_extension)]] = entry
+        elif is_file and os.path.splitext(entry.name)[1].lower() in CAPTION_EXTENSIONS:
+            problems.other_captions.append(entry.path)
         elif entry.is_dir():
             problems.add("folders inside an image folder, which kohya does not read; move their "
                          "images up or delete them", entry.path)

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from lorabake import store
 from lorabake.data import buckets
 from lorabake.data.buckets import BucketSpec
+from lorabake.progress import track
 
 FLIP_STATES = {False: ("plain",), True: ("plain", "flip")}
 
@@ -70,7 +70,7 @@ def cache_latents(images: list[tuple[Path, str]], spec: BucketSpec, flip: bool, 
     cache = _LatentStore(Path(store_dir), spec, flip, vae, vae_id)
     cache.store_dir.mkdir(parents=True, exist_ok=True)
     jobs = [Job(path, rel, store.file_sha256(path)) for path, rel in images]
-    entries = [cache.entry(job, wait=False) for job in tqdm(jobs, desc="latents", unit="img")]
+    entries = [cache.entry(job, wait=False) for job in track(jobs, len(jobs), "latents", unit="img")]
     held_elsewhere = [i for i, entry in enumerate(entries) if entry is None]
     if held_elsewhere:
         print(f"cache_latents: waiting for {len(held_elsewhere)} images another job is encoding", flush=True)

@@ -41,6 +41,8 @@ def build_report(dataset: Dataset, spec: BucketSpec, runs: dict[str, dict]) -> d
             item.rel for item in dataset.train_items if not _has_activation_tag(item)
         ],
         "suspicious_tags": [problem for item in dataset.items for problem in _suspicious(item)],
+        "skipped_files": list(dataset.skipped),
+        "other_captions": list(dataset.other_captions),
     }
 
 
@@ -160,6 +162,12 @@ def _warnings(report: dict) -> list[str]:
     lines += [f"- `{rel}`" for rel in missing] or ["(none)"]
     lines += ["", f"### Suspicious tags ({len(suspicious)})", ""]
     lines += [f"- `{s['rel']}`: {s['problem']} `{s['tag']}`" for s in suspicious] or ["(none)"]
+    other = report.get("other_captions", [])
+    lines += ["", f"### Caption files not read ({len(other)}: another extension than captions.extension)", ""]
+    lines += [f"- `{rel}`" for rel in other] or ["(none)"]
+    skipped = report.get("skipped_files", [])
+    lines += ["", f"### Skipped OS files ({len(skipped)}: Thumbs.db, desktop.ini, .DS_Store, ._*, …)", ""]
+    lines += [f"- `{rel}`" for rel in skipped] or ["(none)"]
     return lines
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from lorabake.config import Pivotal
-from lorabake.project_file import Samples
 from lorabake.models import network
+from lorabake.progress import progress as progress_bar
+from lorabake.project_file import Samples
 from lorabake.prompts import Prompt, parse_prompt
 from lorabake.render import grid
 from lorabake.train import pivotal
@@ -75,7 +75,7 @@ def sample_grid(base_dir: Path, checkpoints: list[tuple[str, Path]], samples: Sa
     out_dir.mkdir(parents=True, exist_ok=True)
     blocks = []
     cells = len(prompts) * len(checkpoints) * len(samples.strengths)
-    with tqdm(total=cells, desc="samples", unit="img") as progress:
+    with progress_bar(cells, "samples", unit="img") as progress:
         for p, prompt in enumerate(prompts):
             baseline = None
             rows = []

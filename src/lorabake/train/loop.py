@@ -13,18 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from tqdm import tqdm
 
 from lorabake import optimizers, paths, store
 from lorabake.config import ConfigError, RunConfig
 from lorabake.data.dataset import Dataset
 from lorabake.models import bases, lora_format, network
+from lorabake.progress import progress as progress_bar
 from lorabake.render import plots
 from lorabake.train import captions, losses, optim, pivotal, state
 from lorabake.train.data import CachedLatents, PixelLatents
@@ -58,6 +59,8 @@ class Session:
     latents_of: object                   # CachedLatents or PixelLatents
     prediction: str                      # "epsilon" or "v_prediction"
     records: list[dict] = field(default_factory=list)
+    last_saved: str | None = None        # the newest checkpoint written, relative to the project root
+    kept: list[str] = field(default_factory=list)  # epoch/step files a resume must find again
 
     @property
     def run(self) -> RunConfig:
@@ -83,13 +86,16 @@ def train(inputs: RunInputs) -> list[dict]:
     s = setup(inputs)
     start = resume(s)
     entries = epoch_entries(s.run, inputs.datasets)
-    progress = tqdm(total=s.plan.total_steps, initial=start, desc=f"train {inputs.name}", unit="step",
-                    disable=not s.is_main)
+    progress = progress_bar(s.plan.total_steps, f"train {inputs.name}", unit="step", initial=start,
+                            disable=not s.is_main)
     for epoch, step, micro_batches in step_schedule(s.run, entries, s.plan):
         if step <= start:
             continue
         record = train_step(s, epoch, step, micro_batches)
         s.records.append(record)
+        if not math.isfinite(record["loss"]):
+            progress.close()
+            stop_diverged(s, epoch, step, record)
         progress.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}")
         progress.update()
         if s.is_main:  # every process holds the same weights; one writes them
@@ -336,6 +342,29 @@ def train_step(s: Session, epoch: int, step: int, micro_batches: list[list[Entry
     return record
 
 
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite: training stopped, and nothing broken was saved."""
+
+
+def stop_diverged(s: Session, epoch: int, step: int, record: dict) -> None:
+    """Stop at the first non-finite loss (kohya trains on and saves NaN weights): write the log so
+    far, keep the newest good checkpoint where Snakemake's clean-up of a failed job does not reach
+    (`diverged/` beside the run's outputs), and say what most likely went wrong."""
+    name, root = s.inputs.name, s.inputs.root
+    if s.is_main:
+        write_logs(name, s.records, s.plan, root)
+    kept = ""
+    if s.is_main and s.last_saved is not None:
+        keep = root / paths.run_dir(name) / "diverged" / Path(s.last_saved).name
+        store.write_bytes(keep, (root / s.last_saved).read_bytes())
+        kept = f" The last good checkpoint is kept as {keep.relative_to(root)}."
+    mixed = f", or {s.run.training.mixed_precision} overflowing" if s.run.training.mixed_precision == "fp16" else ""
+    raise Diverged(f"run {name}: the loss is {record['loss']} at step {step} (epoch {epoch}) with lr "
+                   f"{record['lr']:.3g}: training diverged and stopped; nothing after the last good step was "
+                   f"saved.{kept} Likely cause: a learning rate too high for optimizer {s.run.optimizer.type} "
+                   f"(lower optimizer.lr / unet_lr / text_encoder_lr{mixed}); a warm-up (scheduler.warmup) also helps.")
+
+
 # ---------------------------------------------------------------- saving
 
 def save_due(s: Session, epoch: int, step: int) -> None:
@@ -350,6 +379,7 @@ def save_due(s: Session, epoch: int, step: int) -> None:
     if saved and save.keep_last:
         prune_checkpoints(s.inputs.root, name, save.keep_last)
     if saved and save.state:
+        keep_for_resume(s, saved)
         save_state(s, epoch, step)
 
 
@@ -362,6 +392,7 @@ def save_checkpoint(s: Session, epoch: int, step: int, path: str) -> str:
         resolution=run.size, epoch=epoch, steps=step, facts={**s.inputs.facts, **training_facts(s)})
     weights = network.kohya_state(net, s.base.unet, s.base.te)
     lora_format.save_lora(weights, s.inputs.root / path, run.save.precision, metadata)
+    s.last_saved = path
     return path
 
 
@@ -407,6 +438,41 @@ def prune_checkpoints(root: Path, name: str, keep_last: int) -> None:
 
 # ---------------------------------------------------------------- saved state and resuming
 
+def keep_for_resume(s: Session, saved: list[str]) -> None:
+    """Snakemake deletes a job's outputs before it runs the job again, so the epoch and step files a
+    killed run had written would be gone after its resume. A hard link of each (a copy where links
+    do not work) waits under the run's state folder, which is no output, until a resume restores it."""
+    root, name = s.inputs.root, s.inputs.name
+    s.kept = [path for path in s.kept if (root / path).exists()] + saved  # keep_last may have pruned some
+    copies = root / paths.state_root(name) / CHECKPOINT_COPIES
+    copies.mkdir(parents=True, exist_ok=True)
+    for path in saved:
+        _link_or_copy(root / path, copies / Path(path).name)
+    for stale in set(p.name for p in copies.iterdir()) - {Path(p).name for p in s.kept}:
+        (copies / stale).unlink(missing_ok=True)
+
+
+def restore_kept(s: Session, kept: list[str]) -> None:
+    """Put back the epoch and step files the resumed state had written, where a rerun removed them."""
+    copies = s.inputs.root / paths.state_root(s.inputs.name) / CHECKPOINT_COPIES
+    for path in kept:
+        if not (s.inputs.root / path).exists():
+            _link_or_copy(copies / Path(path).name, s.inputs.root / path)
+    s.kept = list(kept)
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.unlink(missing_ok=True)
+    try:
+        os.link(source, destination)
+    except OSError:
+        store.write_bytes(destination, source.read_bytes())
+
+
+CHECKPOINT_COPIES = "checkpoints"  # under state/: the epoch/step files written so far
+
+
 def save_state(s: Session, epoch: int, step: int) -> None:
     weights = dict(s.net.state_dict())
     if s.embeddings is not None:
@@ -414,7 +480,7 @@ def save_state(s: Session, epoch: int, step: int) -> None:
     root = s.inputs.root / paths.state_root(s.inputs.name)
     state.save_state(root / state.state_dir_name(step), network=weights, optimizer=s.optimizer.optimizer,
                      scheduler=s.scheduler, step=step, epoch=epoch,
-                     extra={"digest": s.inputs.digest, "records": s.records})
+                     extra={"digest": s.inputs.digest, "records": s.records, "checkpoints": s.kept})
     state.prune(root, s.run.save.keep_last)
 
 
@@ -432,6 +498,7 @@ def resume(s: Session) -> int:
             s.embeddings.copy_(weights.pop("pivotal.embeddings"))
     s.net.load_state_dict(weights)
     s.records = list(saved.extra["records"])
+    restore_kept(s, saved.extra.get("checkpoints", []))
     print(f"train {s.inputs.name}: resuming from {directory} (step {saved.step} of {s.plan.total_steps})")
     return saved.step
 

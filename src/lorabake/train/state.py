@@ -178,7 +178,7 @@ def save_state(directory: Path, *, network: dict[str, torch.Tensor], optimizer, 
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "epoch": epoch,
                 "digest": extra.get("digest"), "tree": skeleton}
     def write(folder: Path) -> None:
-        store.write_safetensors(folder / TENSORS_FILE, _for_disk(tensors))
+        store.write_safetensors(folder / TENSORS_FILE, _for_disk(tensors), finite=False)  # as they were
         # The manifest goes last: even inside the temporary directory, it marks a complete state.
         store.write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=1, allow_nan=False) + "\n")
 
