@@ -11,6 +11,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# The tests' project: the tiny-sd demo (circles and squares at 128 px) that the suite's assertions are
+# written against. The shipped demo (configs/, datasets/ at the repo root) is the toy-shapes one.
+FIXTURE = REPO / "tests" / "fixtures" / "project"
 
 
 # The files of the tests that run Snakemake (marker `workflow`). With pytest-xdist they all go to one
@@ -57,11 +60,11 @@ def make_project(dest: Path) -> Path:
     plus a second dataset `other` used by one extra run, so "only the runs using A" is observable."""
     dest.mkdir(parents=True)
     for name in ("Snakefile", "workflow", "configs", "datasets"):
-        src = REPO / name
+        src = (FIXTURE if name in ("configs", "datasets") else REPO) / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / name)
     other = dest / "datasets" / "other" / "2_lbk_other"
     other.mkdir(parents=True)
-    for image in sorted((REPO / "datasets" / "demo" / "3_lbk_square").glob("*.png"))[:2]:
+    for image in sorted((FIXTURE / "datasets" / "demo" / "3_lbk_square").glob("*.png"))[:2]:
         shutil.copy2(image, other / image.name)
         (other / image.with_suffix(".txt").name).write_text("lbk_other, square\n")
     config = yaml.safe_load((dest / "configs" / "config.yaml").read_text())

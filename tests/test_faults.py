@@ -26,7 +26,7 @@ from lorabake.data.buckets import BucketSpec
 from lorabake.data.dataset import image_files
 from lorabake.train.state import save_state, state_dirs
 
-from conftest import REPO, snakemake
+from conftest import FIXTURE, snakemake
 
 LORABAKE = str(Path(sys.executable).with_name("lorabake"))
 
@@ -235,7 +235,7 @@ SPEC = BucketSpec(resolution=(128, 128), min_size=64, max_size=256, step=64)
 
 
 def demo_images() -> list[tuple[Path, str]]:
-    root = REPO / "datasets" / "demo"
+    root = FIXTURE / "datasets" / "demo"
     return [(path, path.relative_to(root).as_posix()) for path in image_files(root)]
 
 

@@ -22,13 +22,13 @@ from lorabake.names import UnsafeName
 from lorabake.project import load_project
 from lorabake.workspace import Workspace
 
-from conftest import REPO
+from conftest import FIXTURE
 
 
 def write_project(root: Path, edit=None, run: str = "") -> Path:
     """A minimal project under root/ (the demo dataset, one run), with `edit(config)` applied."""
     (root / "configs" / "runs").mkdir(parents=True)
-    (root / "datasets").symlink_to(REPO / "datasets")
+    (root / "datasets").symlink_to(FIXTURE / "datasets")
     config = {"bases": {"tiny": {"builtin": "tiny-sd"}}, "datasets": {"demo": {"path": "datasets/demo"}},
               "defaults": {"datasets": ["demo"], "resolution": 128, "network": {"dim": 4, "alpha": 4}}}
     if edit is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorabake.config import BUILTIN_ARCHITECTURES, ConfigError
+from lorabake.config import BUILTIN_ARCHITECTURES, SCORED_BUILTINS, ConfigError
 from lorabake.models import keys
 from lorabake.models.keys import PICKLE_SUFFIXES, HeaderError
 from lorabake.project import Project
@@ -31,9 +31,28 @@ def check_project(project: Project) -> Project:
             if lora.block_weights is not None and architectures.get(merge.base) == "sdxl":
                 problems.append(f"{project.config_file}: merges.{name}.loras.{j}.block_weights: the 25-block vocabulary "
                                 f"is SD1/SD2's; base {merge.base} is SDXL (give a ratio only)")
+    problems += _check_concept(project)
     if problems:
         raise ConfigError("\n".join(problems))
     return project
+
+
+def _check_concept(project: Project) -> list[str]:
+    """`samples.concept` must be a word the scorer knows, and some run's base must have a scorer."""
+    samples, f = project.file.samples, project.file
+    if samples is None or samples.concept is None:
+        return []
+    from lorabake.models import toy_world
+
+    words = toy_world.concept_words()
+    if samples.concept not in words:
+        return [f"{project.config_file}: samples.concept: {samples.concept!r} is not a concept the scorer knows; "
+                f"give one of {', '.join(words)}"]
+    scored = [name for name, run in project.runs.items() if f.bases[run.base].builtin in SCORED_BUILTINS]
+    if project.runs and not scored:
+        return [f"{project.config_file}: samples.concept: no run's base has a concept scorer (builtins with one: "
+                f"{', '.join(SCORED_BUILTINS)}); remove the key or train on such a base"]
+    return []
 
 
 def _check_base(project: Project, name: str) -> tuple[list[str], str]:

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from lorabake import paths, store
-from lorabake.config import ConfigError
+from lorabake.config import SCORED_BUILTINS, ConfigError
 from lorabake.data.dataset import DatasetError, image_files, split_tags
 from lorabake.workspace import Workspace
 
@@ -160,9 +160,11 @@ def cmd_sample(ws: Workspace, args) -> None:
     epochs = kept_epochs(run, ws.plan(args.run))
     checkpoints = [(f"epoch {e}", root / paths.epoch_lora(args.run, e)) for e in epochs]
     embeddings = (run.pivotal, root / paths.embeddings(args.run, run.pivotal.token)) if run.pivotal else None
+    scored = ws.project.file.bases[run.base].builtin in SCORED_BUILTINS
     sample_grid(root / paths.base_dir(run.base), checkpoints, samples, run.size, root / paths.sample_grid(args.run),
                 root / paths.sample_dir(args.run), title=f"{args.run}: epochs x strengths",
-                clip_skip=run.training.clip_skip, embeddings=embeddings)
+                clip_skip=run.training.clip_skip, embeddings=embeddings, scores=root / paths.sample_scores(args.run),
+                scorer_concept=samples.concept if scored else None, epochs=list(epochs))
 
 
 def cmd_merge(ws: Workspace, args) -> None:

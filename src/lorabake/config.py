@@ -102,15 +102,17 @@ class Strict(BaseModel):
 
 # ---------------------------------------------------------------- project-level entries
 
-BUILTIN_ARCHITECTURES = {"tiny-sd": "sd1", "tiny-sd2-v": "sd2", "tiny-sdxl": "sdxl"}
+BUILTIN_ARCHITECTURES = {"tiny-sd": "sd1", "tiny-sd2-v": "sd2", "tiny-sdxl": "sdxl", "toy-shapes": "sd1"}
+SCORED_BUILTINS = ("toy-shapes",)  # builtins that ship a concept scorer (lorabake.render.scorer)
 
 
 class BaseSpec(Strict):
     """A base model: an embedded tiny model, or a checkpoint you have (a diffusers folder or a single
     SD1.x / SD2.x / SDXL file), loaded offline with the configs lorabake ships."""
 
-    builtin: Literal["tiny-sd", "tiny-sd2-v", "tiny-sdxl"] | None = Field(
-        None, description="an embedded tiny model (SD1, SD2 v-prediction or SDXL topology)")
+    builtin: Literal["tiny-sd", "tiny-sd2-v", "tiny-sdxl", "toy-shapes"] | None = Field(
+        None, description="an embedded tiny model (SD1, SD2 v-prediction or SDXL topology; toy-shapes: SD1, "
+                          "pretrained on a world of shapes)")
     path: str | None = Field(None, description="a diffusers folder or a single .safetensors checkpoint "
                                                "(absolute, or relative to the project root)")
     allow_pickle: bool = Field(False, description="accept a pickled .ckpt/.pt/.bin, read with torch's restricted "
@@ -122,7 +124,7 @@ class BaseSpec(Strict):
     @model_validator(mode="after")
     def _one_source(self) -> "BaseSpec":
         if (self.builtin is None) == (self.path is None):
-            raise ValueError("give exactly one of builtin (tiny-sd, tiny-sd2-v, tiny-sdxl) or path")
+            raise ValueError("give exactly one of builtin (tiny-sd, tiny-sd2-v, tiny-sdxl, toy-shapes) or path")
         if self.builtin is not None and (self.allow_pickle or self.prediction):
             raise ValueError("allow_pickle and prediction apply to path bases only")
         return self

@@ -128,6 +128,11 @@ def sample_grid(run: str) -> str:
     return f"{run_dir(run)}/grid.png"
 
 
+def sample_scores(run: str) -> str:
+    """Every grid cell's coordinates and image, and its concept score where the base has a scorer."""
+    return f"{run_dir(run)}/scores.json"
+
+
 def sample_dir(run: str) -> str:
     """Every cell of the grid as its own image."""
     return f"{run_dir(run)}/samples"

@@ -29,6 +29,9 @@ class Samples(Strict):
     cfg: float = option(7.5, "classifier-free guidance scale (--l overrides it)", least=0.0, most=100.0,
                         why="A1111's CFG slider stops at 30; far above it images burn out")
     seed: int = option(42, "seed of every prompt's cells (--d overrides it)", least=0, most=MAX_SEED, why=SEED_WHY)
+    concept: str | None = Field(None, description="what the LoRA should teach, as the base's concept scorer names it "
+                                                  "(toy-shapes: a shape such as star, a colour, or 'blue background'); "
+                                                  "each cell's score goes under it and into scores.json")
 
     @field_validator("prompts")
     @classmethod

@@ -15,9 +15,9 @@ from lorabake.data.buckets import BucketSpec, place
 from lorabake.data.dataset import (DatasetError, bucket_steps, caption_digest, epoch_items, image_files,
                                    normalize_caption, scan_dataset, split_tags)
 
-from conftest import REPO
+from conftest import FIXTURE, REPO
 
-DEMO = REPO / "datasets" / "demo"
+DEMO = FIXTURE / "datasets" / "demo"
 
 
 def make_image(path: Path, size: tuple[int, int] = (32, 32), caption: str | None = None) -> Path:
@@ -219,7 +219,7 @@ def test_steps_per_epoch_batches_within_buckets(tmp_path: Path) -> None:
 # demo dataset
 
 def load_demo_script():
-    path = REPO / "scripts" / "make_demo_dataset.py"
+    path = REPO / "tests" / "fixtures" / "make_fixture_dataset.py"
     spec = importlib.util.spec_from_file_location("make_demo_dataset", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built

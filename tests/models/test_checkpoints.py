@@ -27,7 +27,7 @@ from lorabake import cli, paths
 from lorabake.models import bases, network, sd_layout
 from lorabake.workspace import Workspace
 
-from conftest import REPO
+from conftest import FIXTURE
 
 # config key of the base → (builtin it is made from, architecture and prediction it must be detected as)
 SINGLE_FILES = {"sd1": ("tiny-sd", "sd1", "epsilon"), "sd2v": ("tiny-sd2-v", "sd2", "v_prediction"),
@@ -67,7 +67,7 @@ class Project:
         self.config = {"bases": bases, "datasets": {"demo": {"path": "datasets/demo"}}, "defaults": DEFAULTS,
                        "merges": MERGES, "extracts": []}
         (root / "configs" / "runs").mkdir(parents=True)
-        shutil.copytree(REPO / "datasets" / "demo", root / "datasets" / "demo")
+        shutil.copytree(FIXTURE / "datasets" / "demo", root / "datasets" / "demo")
         for name, run in RUNS.items():
             (root / "configs" / "runs" / f"{name}.yaml").write_text(yaml.safe_dump(run))
         self.write_config()
@@ -254,7 +254,7 @@ def demo_tag_frequency() -> dict[str, dict[str, int]]:
     (each image once, whatever its repeats; an image without a caption file is captioned with its
     concept)."""
     folders: dict[str, Counter] = {}
-    for image in sorted((REPO / "datasets/demo").glob("*/*")):
+    for image in sorted((FIXTURE / "datasets/demo").glob("*/*")):
         if image.suffix.lower() not in (".png", ".jpg"):
             continue
         caption_file = image.with_suffix(".txt")

@@ -125,3 +125,30 @@ def test_save_png_is_byte_stable(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]  # no temp files left
     with Image.open(tmp_path / "a.png") as reloaded:
         assert reloaded.tobytes() == image.tobytes()
+
+
+def test_captions_sit_under_their_cells_and_clear_of_everything():
+    blocks = make_blocks()
+    blocks[0].captions = [[f"star 0.{r}{c}" for c in range(3)] for r in range(2)]
+    image = render_grid(blocks, footer="f")
+    plan = layout(blocks, footer="f")
+    captions = [t for t in plan.texts if t.kind == "caption"]
+    assert [t.lines[0] for t in captions] == [f"star 0.{r}{c}" for r in range(2) for c in range(3)]
+    for item, cell in zip(captions, [box for row in plan.cells[0] for box in row]):
+        assert cell[3] <= item.box[1] <= cell[3] + 4 and item.box[0] <= cell[0] and cell[2] <= item.box[2]
+        assert any(colour != WHITE for _, colour in image.crop(item.box).getcolors(maxcolors=1 << 16))
+    cells = all_cell_boxes(plan)
+    for a in plan.texts:
+        assert not any(overlaps(a.box, cell) for cell in cells), a
+        assert all(a is b or not overlaps(a.box, b.box) for b in plan.texts), a
+    with pytest.raises(ValueError, match="captions must be"):
+        layout([GridBlock("", ["r"], ["c"], [[noise((8, 8), 0)]], captions=[["a", "b"]])])
+
+
+def test_small_cells_are_enlarged_by_a_whole_factor_without_new_detail():
+    small = noise((64, 48), 3)
+    big = grid.readable(small)
+    assert big.size == (64 * 3, 48 * 3)  # the short side reaches MIN_CELL_SIDE (128)
+    assert big.resize(small.size, Image.Resampling.NEAREST).tobytes() == small.tobytes()
+    large = noise((200, 150), 4)
+    assert grid.readable(large) is large

@@ -30,8 +30,8 @@ def test_sdxl_grid_renders_with_its_own_pipeline_and_the_lora_changes_it(tmp_pat
     from PIL import Image
 
     from lorabake.config import Network
-    from lorabake.project_file import Samples
     from lorabake.models import bases, lora_format, network
+    from lorabake.project_file import Samples
     from lorabake.render.sample import load_pipeline, sample_grid
 
     base_dir = tmp_path / "xl"

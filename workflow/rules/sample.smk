@@ -6,6 +6,7 @@ rule sample_grid:
     output:
         grid=report(paths.sample_grid("{run}"), caption="../report/grid.rst", category="Samples"),
         samples=directory(paths.sample_dir("{run}")),
+        scores=paths.sample_scores("{run}"),
     params:
         samples=get_sample_params,
         cli=LORABAKE,

@@ -1,9 +1,13 @@
-"""Base models: the embedded `tiny-sd`, built deterministically, and loading a built base.
+"""Base models: the embedded `tiny-sd`, built deterministically, the pretrained `toy-shapes`, and
+loading a built base.
 
 tiny-sd keeps Stable Diffusion 1's *topology* — a UNet with 4 levels of 2 layers each and
 cross-attention in the first three, a 4-level VAE whose latents are 1/8 of the image, a CLIP text
 encoder with the real BPE tokenizer — and only makes the widths tiny. So the 25-block vocabulary,
 kohya's key names and the single-file layout all apply unchanged, and a training step is milliseconds.
+toy-shapes has the same topology, a little wider, and was really pretrained (by
+scripts/pretrain_toy_shapes.py, on the world of lorabake.models.toy_world); its weights ship in
+`weights/toy-shapes/` with a manifest of their sha256.
 """
 from __future__ import annotations
 
@@ -125,6 +129,91 @@ def tiny_text_encoder(act: str = "quick_gelu", projection: bool = False, width: 
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
+# ---------------------------------------------------------------- toy-shapes: pretrained, shipped
+
+TOY_SHAPES_DIR = Path(__file__).parent / "weights" / "toy-shapes"
+TOY_PARTS = ("unet", "vae", "text_encoder")
+TOY_UNET_WIDTHS = (32, 64, 64, 64)
+TOY_VAE_WIDTHS = (16, 16, 32, 64)
+TOY_TEXT_WIDTH = 64
+# One group: on flat colours, GroupNorm with a channel or two per group normalizes the colour away
+# (a uniform region's channels all become the norm's bias); one group keeps their ratios.
+TOY_NORM_GROUPS = 1
+
+
+class ShippedWeightsError(RuntimeError):
+    """The shipped toy-shapes files are missing or differ from their manifest."""
+
+
+def toy_unet():
+    """SD1's UNet topology for 8×8 latents (64 px images); 2 attention heads (diffusers calls the
+    head count of SD1 UNets `attention_head_dim`)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=TOY_UNET_WIDTHS,
+        norm_num_groups=TOY_NORM_GROUPS, cross_attention_dim=TOY_TEXT_WIDTH, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+
+
+def toy_vae(scaling_factor: float = 1.0):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=64,
+        block_out_channels=TOY_VAE_WIDTHS, norm_num_groups=TOY_NORM_GROUPS, scaling_factor=scaling_factor,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+
+
+def toy_text_encoder():
+    return tiny_text_encoder(width=TOY_TEXT_WIDTH)
+
+
+def toy_shapes_manifest() -> dict:
+    path = TOY_SHAPES_DIR / "manifest.json"
+    if not path.is_file():
+        raise ShippedWeightsError(f"{path} is missing: the toy-shapes weights are not installed "
+                                  "(scripts/pretrain_toy_shapes.py writes them)")
+    return json.loads(path.read_text())
+
+
+def shipped_file(name: str) -> Path:
+    """A toy-shapes file (e.g. "unet.safetensors"), after checking its sha256 against the manifest."""
+    manifest, path = toy_shapes_manifest(), TOY_SHAPES_DIR / name
+    expected = manifest["files"].get(name)
+    if expected is None:
+        raise ShippedWeightsError(f"{name} is not in {TOY_SHAPES_DIR / 'manifest.json'}")
+    found = store.file_sha256(path) if path.is_file() else "no file"
+    if found != expected:
+        raise ShippedWeightsError(
+            f"{path}: sha256 {found}, but manifest.json says {expected}: the shipped toy-shapes weights were "
+            "changed or damaged; reinstall lorabake, or rerun scripts/pretrain_toy_shapes.py to make new ones")
+    return path
+
+
+def load_shipped(part: str) -> torch.nn.Module:
+    """A toy-shapes model from its shipped config and weights; stored as fp16, loaded as fp32."""
+    from safetensors.torch import load_file
+
+    config = json.loads(shipped_file(f"{part}.json").read_text())
+    model = _toy_model_from_config(part, config)
+    weights = load_file(shipped_file(f"{part}.safetensors"))
+    model.load_state_dict({key: tensor.float() for key, tensor in weights.items()}, strict=True)
+    return model.eval()
+
+
+def _toy_model_from_config(part: str, config: dict) -> torch.nn.Module:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if part == "text_encoder":
+        return CLIPTextModel(CLIPTextConfig.from_dict(config))
+    return {"unet": UNet2DConditionModel, "vae": AutoencoderKL}[part].from_config(config)
+
+
 @dataclass(frozen=True)
 class TinySpec:
     arch: str
@@ -145,6 +234,9 @@ TINY = {
                                               ("text_encoder", tiny_text_encoder),
                                               ("text_encoder_2", lambda: tiny_text_encoder("gelu", True, SDXL_TEXT_WIDTH_2))),
                           "StableDiffusionXLPipeline", SD1_NOISE_SCHEDULE),
+    # pretrained: its "makers" load the shipped weights (checked against the manifest) instead
+    "toy-shapes": TinySpec("sd1", "epsilon", tuple((part, lambda part=part: load_shipped(part)) for part in TOY_PARTS),
+                           "StableDiffusionPipeline", SD1_NOISE_SCHEDULE),
 }
 COMPONENT_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
                      "scheduler": ("diffusers", "DDPMScheduler"), "tokenizer": ("transformers", "CLIPTokenizer"),
@@ -152,7 +244,8 @@ COMPONENT_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("dif
 
 
 def build_tiny(builtin: str, out_dir: Path) -> None:
-    """Build a tiny model into `out_dir` (diffusers layout). Same torch version → same bytes."""
+    """Build a tiny model into `out_dir` (diffusers layout). Same torch version → same bytes.
+    toy-shapes is not built but copied: its shipped fp16 weights are written out as fp32."""
     from diffusers import DDPMScheduler
 
     spec, out_dir = TINY[builtin], Path(out_dir)
@@ -177,8 +270,12 @@ def build_base(builtin: str, out_dir: Path) -> str:
     def build(tmp: Path) -> str:
         build_tiny(builtin, tmp)
         base_id = store.tree_sha256(tmp)[:16]
-        store.write_json(tmp / "base.json", {"id": base_id, "builtin": builtin, "architecture": TINY[builtin].arch,
-                                             "prediction": TINY[builtin].prediction})
+        record = {"id": base_id, "builtin": builtin, "architecture": TINY[builtin].arch,
+                  "prediction": TINY[builtin].prediction}
+        if builtin == "toy-shapes":  # which pretraining made the shipped weights
+            manifest = toy_shapes_manifest()
+            record["weights"] = {key: manifest[key] for key in ("script", "script_version", "seed", "files")}
+        store.write_json(tmp / "base.json", record)
         return base_id
 
     return store.build_folder(out_dir, build)

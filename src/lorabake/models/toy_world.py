@@ -17,8 +17,9 @@ from PIL import Image, ImageDraw
 
 SIZE = 64             # image side: SD1's VAE makes it an 8×8 latent
 SUPERSAMPLE = 4       # shapes are drawn 4× larger and downscaled, so their edges are anti-aliased
-RADIUS = (12, 24)     # a shape's half-extent in pixels: 24–48 px across in a 64 px image
+RADIUS = (16, 26)     # a shape's half-extent in pixels: 32–52 px across, 4–6.5 latent pixels
 MARGIN = 2            # pixels kept free between a shape and the image border
+OFFSET = 8            # how far (px) a shape's centre strays from the image centre: one latent pixel
 COLOUR_JITTER = 12    # ± per channel, so "red" is a range and not one exact value
 
 BASE_SHAPES = ("circle", "square", "triangle", "diamond")
@@ -30,6 +31,11 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 90, 230), 
 # never stands on a background of its own colour name.
 BACKGROUNDS = {"black": (15, 15, 15), "gray": (128, 128, 128), "white": (232, 232, 226),
                "blue": (30, 45, 120), "green": (30, 90, 45)}
+
+
+def concept_words() -> list[str]:
+    """Every concept the scorer answers for: a shape, a shape's colour, or "<colour> background"."""
+    return [*SHAPES, *COLOURS, *(f"{name} background" for name in BACKGROUNDS)]
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ def prompts(shapes: tuple[str, ...] = BASE_SHAPES) -> list[str]:
 def random_scene(rng: np.random.Generator, shapes: tuple[str, ...] = BASE_SHAPES) -> Scene:
     shape, colour, background = _pick(rng, combinations(shapes))
     radius = float(rng.uniform(*RADIUS))
-    low, high = radius + MARGIN, SIZE - radius - MARGIN
+    low, high = max(radius + MARGIN, SIZE / 2 - OFFSET), min(SIZE - radius - MARGIN, SIZE / 2 + OFFSET)
     return Scene(shape, colour, background, (float(rng.uniform(low, high)), float(rng.uniform(low, high))), radius)
 
 

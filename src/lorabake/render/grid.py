@@ -22,6 +22,7 @@ from lorabake import store
 TITLE_SIZE = 24
 BLOCK_TITLE_SIZE = 18
 LABEL_SIZE = 15
+CAPTION_SIZE = 13
 FOOTER_SIZE = 14
 
 MARGIN = 16  # around the whole sheet
@@ -46,11 +47,12 @@ class GridBlock:
     row_labels: list[str]  # e.g. ["epoch 1", "epoch 2", "final"]
     col_labels: list[str]  # e.g. ["strength 0.0", "strength 0.5", "strength 1.0"]
     images: list[list[Image.Image]]  # images[row][col]; one size within a block, blocks may differ
+    captions: list[list[str]] | None = None  # captions[row][col]: a short line under each cell (a score)
 
 
 @dataclass
 class TextItem:
-    kind: str  # "title", "block_title", "col_label", "row_label" or "footer"
+    kind: str  # "title", "block_title", "col_label", "row_label", "caption" or "footer"
     lines: list[str]
     font_size: int
     box: Box  # the region the lines occupy
@@ -165,6 +167,8 @@ def _check(block: GridBlock) -> tuple[int, int]:
     rows, cols = len(block.row_labels), len(block.col_labels)
     if len(block.images) != rows or any(len(row) != cols for row in block.images):
         raise ValueError(f"block {block.title!r}: images must be {rows} rows × {cols} columns to match the labels")
+    if block.captions is not None and [len(row) for row in block.captions] != [cols] * rows:
+        raise ValueError(f"block {block.title!r}: captions must be {rows} rows × {cols} columns like the images")
     sizes = {image.size for row in block.images for image in row}
     if len(sizes) > 1:
         raise ValueError(f"block {block.title!r}: cells differ in size {sorted(sizes)}")
@@ -225,12 +229,18 @@ def layout(blocks: list[GridBlock], title: str = "", footer: str = "") -> GridLa
         block_cells: list[list[Box]] = []
         for row, label in enumerate(block.row_labels):
             lines = wrap(label, LABEL_SIZE, label_col) if label_col else []
-            row_h = max(cell_h, block_height(lines, LABEL_SIZE))
+            captions = [wrap(text, CAPTION_SIZE, pitch) for text in block.captions[row]] if block.captions else []
+            caption_h = max((block_height(c, CAPTION_SIZE) for c in captions), default=0)
+            stack_h = cell_h + (2 + caption_h if caption_h else 0)  # the cell and the caption under it
+            row_h = max(stack_h, block_height(lines, LABEL_SIZE))
             place("row_label", lines, LABEL_SIZE, MARGIN, MARGIN + label_col,
                   y + (row_h - block_height(lines, LABEL_SIZE)) // 2, "right")
-            top = y + (row_h - cell_h) // 2
-            lefts = [grid_left + col * (pitch + CELL_GAP) + (pitch - cell_w) // 2 for col in range(len(block.col_labels))]
+            top = y + (row_h - stack_h) // 2
+            columns = [grid_left + col * (pitch + CELL_GAP) for col in range(len(block.col_labels))]
+            lefts = [column + (pitch - cell_w) // 2 for column in columns]
             block_cells.append([(left, top, left + cell_w, top + cell_h) for left in lefts])
+            for column, caption in zip(columns, captions):
+                place("caption", caption, CAPTION_SIZE, column, column + pitch, top + cell_h + 2, "center", FOOTER_COLOR)
             y += row_h + (CELL_GAP if row < len(block.row_labels) - 1 else 0)
         cells.append(block_cells)
 
@@ -274,6 +284,16 @@ def render_grid(blocks: list[GridBlock], title: str = "", footer: str = "") -> I
     for item in plan.texts:
         _draw_text(draw, item)
     return sheet
+
+
+MIN_CELL_SIDE = 128  # smaller images (a 64 px toy base's) are shown enlarged, so a person can judge them
+
+
+def readable(image: Image.Image, min_side: int = MIN_CELL_SIDE) -> Image.Image:
+    """`image` enlarged by a whole factor (nearest neighbour: no invented detail) until its short
+    side is at least `min_side`; images already that large are returned as they are."""
+    factor = -(-min_side // max(1, min(image.size)))
+    return image if factor <= 1 else image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:

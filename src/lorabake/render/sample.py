@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from lorabake import store
 from lorabake.config import Pivotal
 from lorabake.models import network
 from lorabake.progress import progress as progress_bar
@@ -62,9 +63,12 @@ def render_with_lora(pipe, lora: Path, strength: float, prompt: Prompt, clip_ski
 
 def sample_grid(base_dir: Path, checkpoints: list[tuple[str, Path]], samples: Samples,
                 size: tuple[int, int], out_grid: Path, out_dir: Path, title: str, clip_skip: int = 1,
-                embeddings: tuple[Pivotal, Path] | None = None) -> None:
+                embeddings: tuple[Pivotal, Path] | None = None, scores: Path | None = None,
+                scorer_concept: str | None = None, epochs: list[int] | None = None) -> None:
     """Render prompts × checkpoints × strengths, save each cell and the labelled grid. With pivotal
-    embeddings, the placeholder word in prompts means the trained tokens."""
+    embeddings, the placeholder word in prompts means the trained tokens. With `scores`, every cell
+    is listed there (prompt, epoch, strength, seed, image); with `scorer_concept` too (the base has a
+    concept scorer), each cell gets its score, printed under it in the grid."""
     defaults = Prompt("", "", size[0], size[1], samples.seed, samples.cfg, samples.steps)
     prompts = [parse_prompt(line, defaults) for line in samples.prompts]
     pipe = load_pipeline(base_dir, samples.sampler)
@@ -73,13 +77,12 @@ def sample_grid(base_dir: Path, checkpoints: list[tuple[str, Path]], samples: Sa
         pivotal.load_embeddings(path, pipe.tokenizer, pipe.text_encoder, cfg)
         prompts = [replace(p, text=pivotal.substitute(p.text, cfg)) for p in prompts]
     out_dir.mkdir(parents=True, exist_ok=True)
-    blocks = []
-    cells = len(prompts) * len(checkpoints) * len(samples.strengths)
-    with progress_bar(cells, "samples", unit="img") as progress:
+    blocks, cells, images = [], [], []  # images: as rendered, in the order of `cells`
+    with progress_bar(len(prompts) * len(checkpoints) * len(samples.strengths), "samples", unit="img") as progress:
         for p, prompt in enumerate(prompts):
             baseline = None
             rows = []
-            for label, lora in checkpoints:
+            for c, (label, lora) in enumerate(checkpoints):
                 row = []
                 for strength in samples.strengths:
                     if strength == 0.0:  # the base model: the same picture in every row
@@ -87,8 +90,13 @@ def sample_grid(base_dir: Path, checkpoints: list[tuple[str, Path]], samples: Sa
                         image = baseline
                     else:
                         image = render_with_lora(pipe, lora, strength, prompt, clip_skip)
-                    grid.save_png(image, out_dir / f"p{p}-{label.replace(' ', '')}-s{strength:g}.png")
-                    row.append(image)
+                    name = f"p{p}-{label.replace(' ', '')}-s{strength:g}.png"
+                    grid.save_png(image, out_dir / name)
+                    row.append(grid.readable(image))
+                    images.append(image)
+                    cells.append({"prompt": samples.prompts[p], "epoch": epochs[c] if epochs else None,
+                                  "checkpoint": label, "strength": strength, "seed": prompt.seed,
+                                  "image": name, "score": None})
                     progress.update()
                 rows.append(row)
             blocks.append(grid.GridBlock(
@@ -96,4 +104,21 @@ def sample_grid(base_dir: Path, checkpoints: list[tuple[str, Path]], samples: Sa
                 row_labels=[label for label, _ in checkpoints],
                 col_labels=[f"strength {s:g}" for s in samples.strengths], images=rows))
     footer = f"seed {samples.seed} | {samples.sampler} | steps and cfg per prompt | lorabake"
+    if scorer_concept is not None:
+        score_cells(blocks, cells, images, scorer_concept)
+        footer = f"under each cell: the scorer's {scorer_concept} score (0..1) | " + footer
+    if scores is not None:
+        store.write_json(scores, {"concept": scorer_concept, "cells": cells})
     grid.save_png(grid.render_grid(blocks, title=title, footer=footer), out_grid)
+
+
+def score_cells(blocks: list[grid.GridBlock], cells: list[dict], images: list[Image.Image], concept: str) -> None:
+    """Each cell's concept score, into its `cells` entry and as the caption under it in its block."""
+    from lorabake.render import scorer
+
+    found = scorer.scores(images, concept)
+    for cell, value in zip(cells, found):
+        cell["score"] = round(value, 4)
+    values = iter(found)
+    for block in blocks:
+        block.captions = [[f"{concept} {next(values):.2f}" for _ in row] for row in block.images]
