@@ -5,7 +5,8 @@
 
 Every run trains the shipped demo dataset (12 stars, `datasets/demo`) on the `toy-shapes` base, a
 base that never saw a star, with the demo's defaults (configs/config.yaml) and one change each:
-the network algo, the optimizer and the dim. A LoRA file is written every `--every` steps; each is
+the network algo (lora: linear layers only; locon, loha, lokr: convs too, at conv_dim = dim), the
+optimizer and the dim. A LoRA file is written every `--every` steps; each is
 applied at strength 1 to the demo's sample prompts, rendered with a few seeds, and the shipped
 concept scorer says how much the images show a star (0..1, the mean over the images). The loss
 column is the mean training loss over the steps since the previous file.
@@ -62,9 +63,10 @@ def run_name(algo: str, optimizer: str, dim: int) -> str:
 
 
 def run_overrides(algo: str, optimizer: str, dim: int, steps: int, every: int, lr: float | None) -> dict:
-    net = {"algo": algo, "dim": dim, "alpha": dim}
-    if algo == "locon":
-        net |= {"conv_dim": dim, "conv_alpha": dim}
+    # lora: linear layers only (kohya's lora without conv_dim); the others train the convs too,
+    # at conv_dim = dim (the demo's defaults set conv layers, which every run here replaces)
+    net = {"algo": algo, "dim": dim, "alpha": dim, "conv_dim": None if algo == "lora" else dim,
+           "conv_alpha": None if algo == "lora" else dim}
     if algo == "lokr":
         net["factor"] = 4
     opt = {"type": optimizer} | ({"lr": lr} if lr is not None else {})

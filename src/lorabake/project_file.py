@@ -14,6 +14,7 @@ from lorabake.config import (MAX_RANK, MAX_SEED, PROMPT_CHECK_DEFAULTS, RANK_WHY
                              DatasetSpec, Name, Strict, _per_block, check_bounds, option)
 from lorabake.data.buckets import MAX_SIDE
 from lorabake.prompts import FIELDS as PROMPT_OPTIONS, parse_prompt
+from lorabake.samplers import SAMPLERS, canonical
 
 
 # ---------------------------------------------------------------- samples, merges, extracts
@@ -23,7 +24,8 @@ class Samples(Strict):
                                                          f"--w and --h are 64 to {MAX_SIDE:,}, the others have the "
                                                          "bounds of steps, cfg and seed")
     strengths: list[float] = Field([0.0, 0.5, 1.0], min_length=1)
-    sampler: Literal["euler_a", "euler", "ddim"] = "euler_a"
+    sampler: str = Field("euler_a", description="a sampler as A1111/ComfyUI name it: " + ", ".join(SAMPLERS)
+                                                + "; kohya's names (k_euler_a, dpmsolver++, …) are accepted too")
     steps: int = option(20, "sampling steps (a prompt's --s overrides it)", ge=1, most=1000,
                         why="A1111 offers at most 150 steps, and its samplers converge long before")
     cfg: float = option(7.5, "classifier-free guidance scale (--l overrides it)", least=0.0, most=100.0,
@@ -32,6 +34,11 @@ class Samples(Strict):
     concept: str | None = Field(None, description="what the LoRA should teach, as the base's concept scorer names it "
                                                   "(toy-shapes: a shape such as star, a colour, or 'blue background'); "
                                                   "each cell's score goes under it and into scores.json")
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, sampler: str) -> str:
+        return canonical(sampler)
 
     @field_validator("prompts")
     @classmethod

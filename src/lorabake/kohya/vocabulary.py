@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lorabake import samplers
+
 # kohya key → lorabake key, for every key that is carried over. The GUI's own names (optimizer,
 # max_resolution, lr_warmup, epoch, LoRA_type…) are listed beside sd-scripts' argparse names.
 # lorabake_key_for and docs/migration.md read this table.
@@ -121,7 +123,7 @@ OPTIMIZERS_APPROXIMATE = {
     "dadaptadampreprint": ("dadapt_adam", "DAdaptAdamPreprint is an earlier version of DAdaptAdam"),
 }
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "adafactor")
-SAMPLERS = {"euler_a": "euler_a", "k_euler_a": "euler_a", "euler": "euler", "k_euler": "euler", "ddim": "ddim"}
+SAMPLERS = {**{name: name for name in samplers.SAMPLERS}, **samplers.ALIASES}
 
 
 @dataclass(frozen=True)

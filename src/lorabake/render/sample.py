@@ -20,17 +20,16 @@ from lorabake.progress import progress as progress_bar
 from lorabake.project_file import Samples
 from lorabake.prompts import Prompt, parse_prompt
 from lorabake.render import grid
+from lorabake.samplers import SAMPLERS, canonical
 from lorabake.train import pivotal
-
-SAMPLERS = {"euler_a": "EulerAncestralDiscreteScheduler", "euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler"}
-
 
 def load_pipeline(base_dir: Path, sampler: str):
     """The base's own pipeline class (model_index.json says which: SD1/SD2 or SDXL), offline."""
     import diffusers
 
     pipe = diffusers.DiffusionPipeline.from_pretrained(base_dir, local_files_only=True)
-    pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(pipe.scheduler.config)
+    class_name, settings = SAMPLERS[canonical(sampler)]
+    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **settings)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -103,7 +102,12 @@ def sample_grid(base_dir: Path, checkpoints: list[tuple[str, Path]], samples: Sa
                 title=f"{prompt.text}" + (f"  [neg: {prompt.negative}]" if prompt.negative else ""),
                 row_labels=[label for label, _ in checkpoints],
                 col_labels=[f"strength {s:g}" for s in samples.strengths], images=rows))
-    footer = f"seed {samples.seed} | {samples.sampler} | steps and cfg per prompt | lorabake"
+    seeds = sorted({prompt.seed for prompt in prompts})
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds)) + " (one per prompt)"
+    steps = sorted({prompt.steps for prompt in prompts})
+    cfgs = sorted({prompt.cfg for prompt in prompts})
+    footer = (f"{seed_text} | {samples.sampler}, {'/'.join(map(str, steps))} steps, "
+              f"cfg {'/'.join(f'{c:g}' for c in cfgs)} | lorabake")
     if scorer_concept is not None:
         score_cells(blocks, cells, images, scorer_concept)
         footer = f"under each cell: the scorer's {scorer_concept} score (0..1) | " + footer
