@@ -181,7 +181,10 @@ def commit() -> str:
 
 
 def table(report: dict) -> str:
-    steps = sorted({int(s) for row in report["rows"] for s in row["scores"]} - {0})
+    """The README table (from a fresh report or one read back from concept.json: string step keys)."""
+    report = {**report, "rows": [{**row, "scores": {int(k): v for k, v in row["scores"].items()},
+                                  "losses": {int(k): v for k, v in row["losses"].items()}} for row in report["rows"]]}
+    steps = sorted({s for row in report["rows"] for s in row["scores"]} - {0})
     head = "| run | " + " | ".join(f"score @{s}" for s in steps) + " | loss (last) | train s |"
     lines = [head, "|" + " --- |" * (len(steps) + 3)]
     for row in sorted(report["rows"], key=lambda r: -r["scores"][steps[-1]]):
@@ -191,19 +194,27 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+ALGO_COLOURS = {"lora": "#4C72B0", "locon": "#DD8452", "loha": "#55A868", "lokr": "#C44E52"}
+
+
 def plot(report: dict, out: Path) -> None:
-    figure, axes = plots.plt.subplots(figsize=plots.FIGSIZE)
+    """Score against steps: colour = algo, line = optimizer (solid AdamW, dashed Prodigy), marker = dim."""
+    figure, axes = plots.plt.subplots(figsize=(9.0, 4.8))
+    dims = sorted({row["dim"] for row in report["rows"]})
     for row in report["rows"]:
-        steps = sorted(int(s) for s in row["scores"])
-        axes.plot(steps, [row["scores"][s] for s in steps], marker="o", markersize=3, label=row["run"],
-                  linestyle="-" if row["optimizer"] == "adamw" else "--")
+        scores = {int(step): value for step, value in row["scores"].items()}
+        steps = sorted(scores)
+        axes.plot(steps, [scores[s] for s in steps], color=ALGO_COLOURS[row["algo"]], label=row["run"],
+                  linestyle="-" if row["optimizer"] == "adamw" else "--",
+                  marker="os^D"[dims.index(row["dim"]) % 4], markersize=4)
     axes.set_xlabel("training step")
     axes.set_ylabel(f"{report['concept']} score at strength 1")
     axes.set_ylim(0, 1)
     axes.set_title(f"demo concept '{report['concept']}' on toy-shapes (mean of {len(report['prompts'])} prompts "
-                   f"x {len(report['seeds'])} seeds)")
-    axes.legend(fontsize=7, ncol=2, loc="lower right")
+                   f"x {len(report['seeds'])} seeds)", fontsize=10)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     axes.grid(alpha=0.3)
+    figure.tight_layout()
     plots._save(figure, out)
 
 
