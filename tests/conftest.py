@@ -24,15 +24,11 @@ WORKFLOW_FILES = frozenset({"tests/test_workflow.py", "tests/test_artifacts.py",
 
 
 def pytest_collection_modifyitems(items):
-    """A `workflow` test outside WORKFLOW_FILES would build the demo project on a second worker.
-    The Snakemake tests go first: their group is the longest single piece of the suite, so its worker
-    starts on it at once while the other workers share the rest (it came after half the fast tests,
-    and the suite took 15 min on 2 cores instead of about the group's own time)."""
+    """A `workflow` test outside WORKFLOW_FILES would build the demo project on a second worker."""
     for item in items:
         path = item.nodeid.split("::", 1)[0]
         if item.get_closest_marker("workflow") and path not in WORKFLOW_FILES:
             raise pytest.UsageError(f"{item.nodeid} runs Snakemake: add {path} to WORKFLOW_FILES in tests/conftest.py")
-    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in WORKFLOW_FILES)  # stable: order kept within
 
 
 def pytest_xdist_make_scheduler(config, log):
