@@ -16,11 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "project"
 
 
-# The files of the tests that run Snakemake (marker `workflow`). With pytest-xdist they all go to one
-# worker, which builds the session's demo project once; every other test goes to whichever worker is
-# free. (xdist's own `loadgroup` does not group under pytest 9.2, which ignores the node ids it edits.)
-WORKFLOW_FILES = frozenset({"tests/test_workflow.py", "tests/test_artifacts.py", "tests/test_bad_input.py",
-                            "tests/test_faults.py", "tests/test_slurm.py"})
+# The files of the tests that run Snakemake (marker `workflow`), in two groups. With pytest-xdist each
+# group goes to one worker, which builds the session's demo project once (the farm build of
+# test_slurm.py overlaps that build); every other test goes to whichever worker is free. One group
+# of all five took 15 min on 2 cores, the suite's whole wall time, while the other worker idled.
+# (xdist's own `loadgroup` does not group under pytest 9.2, which ignores the node ids it edits.)
+WORKFLOW_GROUPS = {"tests/test_slurm.py": "workflow-farm", "tests/test_artifacts.py": "workflow-farm",
+                   "tests/test_workflow.py": "workflow-local", "tests/test_bad_input.py": "workflow-local",
+                   "tests/test_faults.py": "workflow-local"}
+WORKFLOW_FILES = frozenset(WORKFLOW_GROUPS)
 
 
 def pytest_collection_modifyitems(items):
@@ -37,7 +41,7 @@ def pytest_xdist_make_scheduler(config, log):
     class WorkflowTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return "workflow" if path in WORKFLOW_FILES else nodeid
+            return WORKFLOW_GROUPS.get(path, nodeid)
 
     return WorkflowTogether(config, log)
 
