@@ -28,11 +28,11 @@ WORKFLOW_FILES = frozenset(WORKFLOW_GROUPS)
 
 
 def pytest_collection_modifyitems(items):
-    """A `workflow` test outside WORKFLOW_FILES would build the demo project on a second worker."""
+    """A `workflow` test outside WORKFLOW_GROUPS would build the demo project on yet another worker."""
     for item in items:
         path = item.nodeid.split("::", 1)[0]
         if item.get_closest_marker("workflow") and path not in WORKFLOW_FILES:
-            raise pytest.UsageError(f"{item.nodeid} runs Snakemake: add {path} to WORKFLOW_FILES in tests/conftest.py")
+            raise pytest.UsageError(f"{item.nodeid} runs Snakemake: add {path} to WORKFLOW_GROUPS in tests/conftest.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
