@@ -48,8 +48,7 @@ def _check_concept(project: Project) -> list[str]:
     if samples.concept not in words:
         return [f"{project.config_file}: samples.concept: {samples.concept!r} is not a concept the scorer knows; "
                 f"give one of {', '.join(words)}"]
-    scored = [name for name, run in project.runs.items() if f.bases[run.base].builtin in SCORED_BUILTINS]
-    if project.runs and not scored:
+    if project.runs and not any(f.bases[run.base].builtin in SCORED_BUILTINS for run in project.runs.values()):
         return [f"{project.config_file}: samples.concept: no run's base has a concept scorer (builtins with one: "
                 f"{', '.join(SCORED_BUILTINS)}); remove the key or train on such a base"]
     return []

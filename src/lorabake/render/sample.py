@@ -23,6 +23,7 @@ from lorabake.render import grid
 from lorabake.samplers import SAMPLERS, canonical
 from lorabake.train import pivotal
 
+
 def load_pipeline(base_dir: Path, sampler: str):
     """The base's own pipeline class (model_index.json says which: SD1/SD2 or SDXL), offline."""
     import diffusers
