@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -36,9 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from lorabake import cli, paths, store  # noqa: E402
-from lorabake.models import network  # noqa: E402
 from lorabake.prompts import Prompt, parse_prompt  # noqa: E402
-from lorabake.render import plots, sample, scorer  # noqa: E402
+from lorabake.render import cells, plots, scorer  # noqa: E402
 from lorabake.workspace import Workspace  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -101,21 +101,14 @@ class Judge:
         defaults = Prompt("", "", run_size[0], run_size[1], samples.seed, samples.cfg, samples.steps)
         self.prompts = [parse_prompt(line, defaults) for line in samples.prompts]
         self.concept = samples.concept
-        self.pipe = sample.load_pipeline(ws.project.root / paths.base_dir(ws.project.file.defaults["base"]),
-                                         samples.sampler)
+        self.pipe = cells.load_pipeline(ws.project.root / paths.base_dir(ws.project.file.defaults["base"]),
+                                        samples.sampler)
 
     def score(self, lora: Path | None) -> float:
-        net = None if lora is None else network.apply_weights(lora, self.pipe.unet, self.pipe.text_encoder, 1.0)
-        try:
-            images = []
+        images = []
+        with cells.lora_applied(self.pipe, lora, 1.0):
             for prompt in self.prompts:
-                generators = [torch.Generator().manual_seed(prompt.seed + seed) for seed in SEEDS]
-                images += self.pipe([prompt.text] * len(SEEDS), negative_prompt=[prompt.negative] * len(SEEDS),
-                                    width=prompt.width, height=prompt.height, num_inference_steps=prompt.steps,
-                                    guidance_scale=prompt.cfg, generator=generators).images
-        finally:
-            for module in (net.unet_loras + net.text_encoder_loras) if net else ():
-                module.restore()
+                images += cells.render_batch(self.pipe, [replace(prompt, seed=prompt.seed + seed) for seed in SEEDS])
         values = scorer.scores(images, self.concept)
         return round(sum(values) / len(values), 4)
 

@@ -21,6 +21,8 @@ EXPECTED = [
     "results/merged/demo-merged.safetensors", "results/extracted/demo-extracted.safetensors",
     "results/resized/demo-lora-r2.safetensors", "results/resized/demo-lora-r2.json",
     "results/svd-merged/demo-blend.safetensors",
+    "results/comparisons/demo-runs/grid.png", "results/comparisons/demo-runs/cells.json",
+    "results/comparisons/demo-runs/index.html",
 ]
 
 
@@ -87,8 +89,37 @@ def test_prompt_change_rerenders_grids_only(project_copy):
     config = project_copy / "configs" / "config.yaml"
     config.write_text(config.read_text().replace("red circle, plain background", "red circle, white background"))
     jobs = planned_jobs(project_copy)
-    assert rules_of(jobs) == {"sample_grid"}
+    assert rules_of(jobs) == {"sample_grid", "comparison"}
     assert runs_of(jobs, "sample_grid") == {"demo-lora", "demo-unet-only", "other-run"}
+
+
+def cached_cells(project: Path) -> set[str]:
+    return {p.stem for p in (project / "results" / "cache" / "cells").rglob("*.png")}
+
+
+def test_an_added_prompt_renders_exactly_its_new_cells(project_copy):
+    """No training; each grid job renders the pictures of the new prompt the cell cache lacks (its
+    strength-0 picture is shared by every run's grid) and reuses every other."""
+    config = project_copy / "configs" / "config.yaml"
+    config.write_text(config.read_text().replace('    - "lbk_square, blue square, gradient background --w 192 --h 128"',
+                                                 '    - "lbk_square, blue square, gradient background --w 192 --h 128"\n'
+                                                 '    - "lbk_circle, green circle --d 3"'))
+    jobs = planned_jobs(project_copy)
+    assert "train" not in rules_of(jobs) and rules_of(jobs) == {"sample_grid", "comparison"}
+    targets = [(f"results/runs/{run}/grid.png", f"results/runs/{run}/scores.json", f"logs/sample_grid/{run}.log")
+               for run in sorted(runs_of(jobs, "sample_grid"))]
+    targets.append(("results/comparisons/demo-runs", "results/comparisons/demo-runs/cells.json",
+                    "logs/comparison/demo-runs.log"))
+    for target, listing, log in targets:
+        before = cached_cells(project_copy)
+        snakemake(project_copy, target)
+        cells = json.loads((project_copy / listing).read_text())["cells"]
+        keys = {cell["key"] for cell in cells}
+        new = {cell["key"] for cell in cells if cell["prompt"].startswith("lbk_circle, green circle")}
+        rendered, reused = map(int, re.findall(r"rendered (\d+), reused (\d+)", (project_copy / log).read_text())[-1])
+        assert rendered == len(new - before) == len(cached_cells(project_copy) - before), target
+        assert reused == len(keys) - rendered and reused >= len(keys - new) > 0, target
+    assert planned_jobs(project_copy) == []
 
 
 def test_comment_edit_rebuilds_nothing(project_copy):

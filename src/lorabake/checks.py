@@ -32,26 +32,50 @@ def check_project(project: Project) -> Project:
                 problems.append(f"{project.config_file}: merges.{name}.loras.{j}.block_weights: the 25-block vocabulary "
                                 f"is SD1/SD2's; base {merge.base} is SDXL (give a ratio only)")
     problems += _check_concept(project)
+    problems += _check_comparisons(project, architectures)
     if problems:
         raise ConfigError("\n".join(problems))
     return project
 
 
+def _check_comparisons(project: Project, architectures: dict[str, str]) -> list[str]:
+    """Block weights use the 25-block SD1/SD2 vocabulary: no comparison may apply them on an SDXL base,
+    and every base a run is rendered on must be the run's architecture (its LoRA keys must fit)."""
+    problems = []
+    for name, comparison in project.file.comparisons.items():
+        runs = project.comparison_runs(name)
+        for run in runs:
+            own = project.runs[run].base
+            for base in comparison.bases or [own]:
+                arch, run_arch = architectures.get(base, ""), architectures.get(own, "")
+                if comparison.block_weights and arch == "sdxl":
+                    problems.append(f"{project.config_file}: comparisons.{name}.block_weights: the 25-block vocabulary "
+                                    f"is SD1/SD2's; base {base} is SDXL")
+                if arch and run_arch and arch != run_arch:
+                    problems.append(f"{project.config_file}: comparisons.{name}.bases: run {run} trained on {own} "
+                                    f"({run_arch}); its LoRA does not fit {base} ({arch})")
+    return sorted(set(problems))
+
+
 def _check_concept(project: Project) -> list[str]:
-    """`samples.concept` must be a word the scorer knows, and some run's base must have a scorer."""
-    samples, f = project.file.samples, project.file
-    if samples is None or samples.concept is None:
+    """`samples.concept` and each comparison's `concept` must be a word the scorer knows; for samples,
+    some run's base must have a scorer."""
+    f = project.file
+    given = [("samples.concept", f.samples.concept if f.samples else None)]
+    given += [(f"comparisons.{name}.concept", c.concept) for name, c in f.comparisons.items()]
+    given = [(key, concept) for key, concept in given if concept is not None]
+    if not given:
         return []
     from lorabake.models import toy_world
 
     words = toy_world.concept_words()
-    if samples.concept not in words:
-        return [f"{project.config_file}: samples.concept: {samples.concept!r} is not a concept the scorer knows; "
-                f"give one of {', '.join(words)}"]
-    if project.runs and not any(f.bases[run.base].builtin in SCORED_BUILTINS for run in project.runs.values()):
-        return [f"{project.config_file}: samples.concept: no run's base has a concept scorer (builtins with one: "
-                f"{', '.join(SCORED_BUILTINS)}); remove the key or train on such a base"]
-    return []
+    problems = [f"{project.config_file}: {key}: {concept!r} is not a concept the scorer knows; give one of "
+                f"{', '.join(words)}" for key, concept in given if concept not in words]
+    if (f.samples and f.samples.concept and project.runs
+            and not any(f.bases[run.base].builtin in SCORED_BUILTINS for run in project.runs.values())):
+        problems.append(f"{project.config_file}: samples.concept: no run's base has a concept scorer (builtins with "
+                        f"one: {', '.join(SCORED_BUILTINS)}); remove the key or train on such a base")
+    return problems
 
 
 def _check_base(project: Project, name: str) -> tuple[list[str], str]:

@@ -20,6 +20,7 @@ def cmd_validate(ws: Workspace, args) -> None:
         plan = ws.plan(run)
         print(f"run {run}: datasets {ws.run(run).datasets}, {plan.steps_per_epoch} steps/epoch × "
               f"{plan.epochs} epochs = {plan.total_steps} steps")
+    ws.check_comparisons()
     print(f"ok: {len(ws.project.file.datasets)} datasets, {len(ws.project.runs)} runs")
 
 
@@ -164,7 +165,18 @@ def cmd_sample(ws: Workspace, args) -> None:
     sample_grid(root / paths.base_dir(run.base), checkpoints, samples, run.size, root / paths.sample_grid(args.run),
                 root / paths.sample_dir(args.run), title=f"{args.run}: epochs x strengths",
                 clip_skip=run.training.clip_skip, embeddings=embeddings, scores=root / paths.sample_scores(args.run),
-                scorer_concept=samples.concept if scored else None, epochs=list(epochs))
+                scorer_concept=samples.concept if scored else None, epochs=list(epochs), cache_root=root)
+
+
+def cmd_compare(ws: Workspace, args) -> None:
+    from lorabake.render.compare import build_comparison, page_files
+
+    if args.name not in ws.project.file.comparisons:
+        raise ConfigError(f"{ws.project.config_file}: comparisons: no comparison named {args.name!r} "
+                          f"({sorted(ws.project.file.comparisons)})")
+    plan = build_comparison(ws, args.name)
+    print(f"comparison {args.name}: {len(plan.cells)} cells in {', '.join(page_files(plan))}, "
+          f"{paths.comparison_dir(args.name)}/index.html")
 
 
 def cmd_merge(ws: Workspace, args) -> None:
@@ -330,6 +342,7 @@ def parser() -> argparse.ArgumentParser:
     add("cache-latents", cmd_cache_latents, "encode a dataset's missing latents and write its index", "dataset", "spec")
     add("train", cmd_train, "train one run: LoRA per saved epoch, train.jsonl, loss.png", "run")
     add("sample", cmd_sample, "render a run's sample grid (epochs × strengths × prompts)", "run")
+    add("compare", cmd_compare, "render a comparison's grid, cells.json and index.html (only cells not cached)", "name")
     add("merge", cmd_merge, "merge LoRAs into a base: a single-file checkpoint in the original SD layout", "name")
     add("merge-diffusers", cmd_merge_diffusers, "write a merge's checkpoint as a diffusers folder too", "name")
     add("extract", cmd_extract, "extract a LoRA from (merged − base) by SVD", "name")

@@ -165,3 +165,13 @@ def svd_merged(name: str) -> str:
 def job_log(rule: str, *keys: str) -> str:
     """A job's log, `logs/<rule>/<wildcard values>.log`: what `lorabake <stage>` printed."""
     return f"{LOGS}/{safe_name(rule)}/" + "/".join(safe_name(key) for key in keys) + ".log"
+
+
+def cell_image(key: str) -> str:
+    """One rendered grid cell, stored under the hash of everything that decides its pixels."""
+    return f"{RESULTS}/cache/cells/{safe_name(key[:2])}/{safe_name(key)}.png"
+
+
+def comparison_dir(name: str) -> str:
+    """A comparison's grid (grid.png, or page-NN.png), cells.json, index.html and its cells' images."""
+    return f"{RESULTS}/comparisons/{safe_name(name)}"

@@ -43,6 +43,14 @@ class Project(BaseModel):
     def runs_using(self, dataset: str) -> list[str]:
         return [name for name, run in self.runs.items() if dataset in run.datasets]
 
+    def comparison_runs(self, name: str) -> list[str]:
+        """A comparison's `runs`: each a run name, or a run file's name standing for all its sweep points."""
+        runs: list[str] = []
+        for entry in self.file.comparisons[name].runs:
+            points = [entry] if entry in self.runs else [run for run, file in self.run_files.items() if file.stem == entry]
+            runs += [run for run in points if run not in runs]
+        return runs
+
 
 # ---------------------------------------------------------------- loading
 
@@ -234,5 +242,20 @@ def check_references(project: Project) -> None:
             runs = [entry.run] if kind == "resizes" else [lora.run for lora in entry.loras]
             problems += [f"{where}: {kind}.{name}: no run named '{run}' in {where.parent / 'runs'}"
                          for run in runs if run not in project.runs]
+    problems += _comparison_problems(project)
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _comparison_problems(project: Project) -> list[str]:
+    f, where, problems = project.file, project.config_file, []
+    stems = {file.stem for file in project.run_files.values()}
+    for name, comparison in f.comparisons.items():
+        problems += [f"{where}: comparisons.{name}.runs: no run or run file named '{run}' in {where.parent / 'runs'}"
+                     for run in comparison.runs if run not in project.runs and run not in stems]
+        problems += [f"{where}: comparisons.{name}.bases: '{base}' is not a key of bases ({sorted(f.bases)})"
+                     for base in comparison.bases or [] if base not in f.bases]
+        if f.samples is None:
+            problems += [f"{where}: comparisons.{name}.{key}: needed, as there is no samples: section to take it from"
+                         for key in ("prompts", "strengths") if getattr(comparison, key) is None]
+    return problems

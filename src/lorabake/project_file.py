@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from lorabake import names
+from lorabake import block_weights as lbw, names
 from lorabake.config import (MAX_RANK, MAX_SEED, PROMPT_CHECK_DEFAULTS, RANK_WHY, SEED_WHY, SIDE_BOUND, BaseSpec,
                              DatasetSpec, Name, Strict, _per_block, check_bounds, option)
 from lorabake.data.buckets import MAX_SIDE
@@ -34,6 +34,8 @@ class Samples(Strict):
     concept: str | None = Field(None, description="what the LoRA should teach, as the base's concept scorer names it "
                                                   "(toy-shapes: a shape such as star, a colour, or 'blue background'); "
                                                   "each cell's score goes under it and into scores.json")
+    batch_size: int = option(4, "images rendered per pipeline call (prompts and seeds of the same size, steps and "
+                                "cfg share a call)", ge=1, most=64, why="a batch of 64 512-px images needs most of an 80 GB GPU")
 
     @field_validator("sampler")
     @classmethod
@@ -43,19 +45,100 @@ class Samples(Strict):
     @field_validator("prompts")
     @classmethod
     def _prompts_parse(cls, prompts: list[str]) -> list[str]:
-        """Each prompt parses, and the options it sets itself are within the bounds of the same keys."""
-        bounds = {"width": SIDE_BOUND, "height": SIDE_BOUND,
-                  **{name: cls.model_fields[name].json_schema_extra["bound"] for name in ("seed", "cfg", "steps")}}
-        for i, line in enumerate(prompts):
-            prompt = parse_prompt(line, PROMPT_CHECK_DEFAULTS)
-            for letter, (name, _) in PROMPT_OPTIONS.items():
-                if name not in bounds:  # --n, the negative prompt
-                    continue
-                try:
-                    check_bounds(getattr(prompt, name), bounds[name])
-                except ValueError as error:
-                    raise ValueError(f"prompt {i} ({line!r}): --{letter} {error}") from None
-        return prompts
+        return check_prompts(prompts)
+
+
+def check_prompts(prompts: list[str]) -> list[str]:
+    """Each prompt parses, and the options it sets itself are within the bounds of the same keys
+    (samples.steps, cfg and seed; sides 64 px to MAX_SIDE)."""
+    bounds = {"width": SIDE_BOUND, "height": SIDE_BOUND,
+              **{name: Samples.model_fields[name].json_schema_extra["bound"] for name in ("seed", "cfg", "steps")}}
+    for i, line in enumerate(prompts):
+        prompt = parse_prompt(line, PROMPT_CHECK_DEFAULTS)
+        for letter, (name, _) in PROMPT_OPTIONS.items():
+            if name not in bounds:  # --n, the negative prompt
+                continue
+            try:
+                check_bounds(getattr(prompt, name), bounds[name])
+            except ValueError as error:
+                raise ValueError(f"prompt {i} ({line!r}): --{letter} {error}") from None
+    return prompts
+
+
+AXES = ("runs", "epochs", "strengths", "te_strengths", "prompts", "seeds", "bases", "samplers", "cfg", "steps",
+        "block_weights")
+Placement = str | list[str] | None
+
+
+class Comparison(Strict):
+    """An X/Y/Z grid over runs, epochs, strengths, prompts, seeds, bases, samplers, cfg, steps and block
+    weights. Axes left out take the samples' setting; axes with several values go where rows, columns
+    and pages say, and the rest stack as sections of the page."""
+
+    name: Name
+    runs: list[str] = Field(min_length=1, description="run names, or a run file's name meaning all its sweep points")
+    epochs: list[int] | Literal["last", "all"] = Field("last", description="epochs to show: a list, `last` (the "
+                                                                           "final LoRA) or `all` kept epoch files")
+    strengths: list[float] | None = Field(None, min_length=1, description="LoRA strengths (default: samples.strengths)")
+    te_strengths: list[float] | None = Field(None, min_length=1, description="separate text-encoder strengths "
+                                                                             "(default: the strength of the cell)")
+    prompts: list[str] | None = Field(None, min_length=1, description="kohya-syntax prompts (default: samples.prompts)")
+    seeds: list[int] | None = Field(None, min_length=1, description="seeds, each prompt rendered with every one "
+                                                                    "(default: samples.seed or the prompt's --d)")
+    bases: list[str] | None = Field(None, min_length=1, description="keys of bases to render the LoRAs on "
+                                                                    "(default: each run's own base)")
+    samplers: list[str] | None = Field(None, min_length=1, description="sampler names (default: samples.sampler)")
+    cfg: list[float] | None = Field(None, min_length=1, description="CFG scales (default: samples.cfg or --l)")
+    steps: list[int] | None = Field(None, min_length=1, description="sampling steps (default: samples.steps or --s)")
+    block_weights: list[str | list[float]] | None = Field(
+        None, min_length=1, description="lora-block-weight presets (NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, "
+                                        "OUTALL, ALL0.5) or lists of 17 (LBW), 25 (kohya) or 26 values; SD1/SD2 only")
+    rows: Placement = Field("runs", description="the axis (or list of axes) along the rows")
+    columns: Placement = Field("strengths", description="the axis (or list of axes) along the columns")
+    pages: Placement = Field(None, description="axes with one page each (page-NN.png instead of grid.png)")
+    concept: str | None = Field(None, description="the concept scored under each cell (default: samples.concept)")
+
+    @field_validator("samplers")
+    @classmethod
+    def _known_samplers(cls, samplers: list[str] | None) -> list[str] | None:
+        return None if samplers is None else [canonical(s) for s in samplers]
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_parse(cls, prompts: list[str] | None) -> list[str] | None:
+        return None if prompts is None else check_prompts(prompts)
+
+    @field_validator("block_weights")
+    @classmethod
+    def _block_weights(cls, values: list | None) -> list | None:
+        for value in values or []:
+            lbw.resolve(value)
+        return values
+
+    @field_validator("seeds", "steps", "cfg")
+    @classmethod
+    def _within_sample_bounds(cls, values: list | None, info: ValidationInfo) -> list | None:
+        """Each value within the bounds of the samples key of the same meaning (seed, steps, cfg)."""
+        bound = Samples.model_fields[{"seeds": "seed"}.get(info.field_name, info.field_name)].json_schema_extra["bound"]
+        for value in values or []:
+            check_bounds(value, bound)
+        return values
+
+    @model_validator(mode="after")
+    def _placements(self) -> "Comparison":
+        placed = [axis for where in (self.rows, self.columns, self.pages) for axis in placement(where)]
+        unknown = [axis for axis in placed if axis not in AXES]
+        if unknown:
+            raise ValueError(f"rows/columns/pages name unknown axes {unknown}; the axes are {', '.join(AXES)}")
+        twice = sorted({axis for axis in placed if placed.count(axis) > 1})
+        if twice:
+            raise ValueError(f"axes {twice} are placed twice in rows/columns/pages")
+        return self
+
+
+def placement(where: Placement) -> list[str]:
+    """rows/columns/pages as a list of axis names."""
+    return [] if where is None else [where] if isinstance(where, str) else list(where)
 
 
 class MergeLora(Strict):
@@ -146,9 +229,10 @@ class ProjectFile(Strict):
     extracts: dict[str, Extract] = Field(default_factory=dict, json_schema_extra=NAMED_LIST)
     resizes: dict[str, Resize] = Field(default_factory=dict, json_schema_extra=NAMED_LIST)
     svd_merges: dict[str, SvdMerge] = Field(default_factory=dict, json_schema_extra=NAMED_LIST)
+    comparisons: dict[str, Comparison] = Field(default_factory=dict, json_schema_extra=NAMED_LIST)
     trainer_version: int = Field(1, description="bump by hand when training semantics change")
 
-    @field_validator("merges", "extracts", "resizes", "svd_merges", mode="before")
+    @field_validator("merges", "extracts", "resizes", "svd_merges", "comparisons", mode="before")
     @classmethod
     def _keyed_by_name(cls, entries: Any) -> dict[str, Any]:
         if not isinstance(entries, list):

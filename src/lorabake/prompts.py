@@ -26,6 +26,15 @@ class Prompt:
 
 FIELDS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "d": ("seed", int),
           "l": ("cfg", float), "s": ("steps", int)}
+# Long names people write from other tools' habits, and kohya's one letter for each
+LONG_NAMES = {"negative": "n", "neg": "n", "width": "w", "height": "h", "seed": "d", "cfg": "l", "scale": "l",
+              "steps": "s"}
+
+
+def _unknown_option(line: str, option: str) -> str:
+    word = option.split()[0] if option.split() else option
+    hint = f"; kohya's name for it is --{LONG_NAMES[word.lower()]}" if word.lower() in LONG_NAMES else ""
+    return f"sample prompt {line!r}: unknown option '--{option}' (known: --n --w --h --d --l --s){hint}"
 
 
 def parse_prompt(line: str, defaults: Prompt) -> Prompt:
@@ -35,7 +44,7 @@ def parse_prompt(line: str, defaults: Prompt) -> Prompt:
     for option in options:
         match = OPTION.match(option.strip())
         if not match or match["key"] not in FIELDS:
-            raise ValueError(f"sample prompt {line!r}: unknown option '--{option.strip()}' (known: --n --w --h --d --l --s)")
+            raise ValueError(_unknown_option(line, option.strip()))
         name, kind = FIELDS[match["key"]]
         try:
             prompt = replace(prompt, **{name: kind(match["value"].strip())})

@@ -131,6 +131,32 @@ class Workspace:
                 "images": {} if self.run(run).caches_latents else {ds: self.image_digest(ds) for ds in self.run(run).datasets},
                 "trainer_version": TRAINER_VERSION * 1000 + self.project.file.trainer_version}
 
+    # ------------------------------------------------------------ comparisons
+    def comparison_inputs(self, name: str) -> dict[str, list[str]]:
+        comparison = self.project.file.comparisons[name]
+        runs = self.project.comparison_runs(name)
+        bases = comparison.bases or sorted({self.run(run).base for run in runs})
+        loras = [paths.run_lora(run) for run in runs]
+        if comparison.epochs != "last":
+            loras += [paths.epochs_dir(run) for run in runs]
+        return {"loras": loras, "bases": [paths.base_json(base) for base in bases]}
+
+    def check_comparisons(self) -> None:
+        """Each comparison's axes resolve (its epochs are kept by some run): a ConfigError otherwise."""
+        from lorabake.render.compare import comparison_axes
+
+        for comparison in self.project.file.comparisons.values():
+            comparison_axes(self, comparison)
+
+    def comparison_params(self, name: str) -> dict:
+        """What decides the comparison's cells besides the input files: its entry, the samples it takes
+        defaults from, and the compared runs' settings (shown on its page)."""
+        samples = self.project.file.samples
+        runs = self.project.comparison_runs(name)
+        return {"comparison": self.project.file.comparisons[name].model_dump(mode="json"),
+                "samples": samples.model_dump(mode="json") if samples else None,
+                "runs": {run: store.digest(self.run(run).identity()) for run in runs}}
+
     def report_runs(self, dataset: str) -> dict[str, dict]:
         """Each run using the dataset: its settings and the steps its own training plan counts (over
         all of the run's datasets, with the run's own bucket spec)."""

@@ -32,7 +32,8 @@ def test_sdxl_grid_renders_with_its_own_pipeline_and_the_lora_changes_it(tmp_pat
     from lorabake.config import Network
     from lorabake.models import bases, lora_format, network
     from lorabake.project_file import Samples
-    from lorabake.render.sample import load_pipeline, sample_grid
+    from lorabake.render.cells import load_pipeline
+    from lorabake.render.sample import sample_grid
 
     base_dir = tmp_path / "xl"
     bases.build_base("tiny-sdxl", base_dir)

@@ -8,7 +8,7 @@ import torch
 from lorabake import samplers
 from lorabake.models import bases
 from lorabake.project_file import Samples
-from lorabake.render.sample import load_pipeline
+from lorabake.render.cells import load_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ try:
         WS.dataset(_ds)  # every dataset is checked before any job runs
     for _run in WS.project.runs:
         WS.plan(_run)  # and every run's step count is within bounds
+    WS.check_comparisons()
 except (ConfigError, DatasetError) as error:
     raise WorkflowError(f"lorabake: {error}") from None
 for _warning in WS.project.warnings:
@@ -76,6 +77,7 @@ def get_all_targets():
     targets += [paths.extracted(name) for name in f.extracts]
     targets += [paths.resized(name) for name in f.resizes]
     targets += [paths.svd_merged(name) for name in f.svd_merges]
+    targets += [paths.comparison_dir(name) for name in f.comparisons]
     return targets
 
 
@@ -147,6 +149,19 @@ def get_sample_params(wildcards):
 def get_sample_gpu(wildcards):
     """Sampling needs one GPU at most, even for a run that trains on several."""
     return min(1, WS.run(wildcards.run).resources.gpu)
+
+
+def get_comparison_inputs(wildcards):
+    """The LoRA files (final and epoch files) of every run compared, and the bases rendered on."""
+    return WS.comparison_inputs(wildcards.name)
+
+
+def get_comparison_params(wildcards):
+    return WS.comparison_params(wildcards.name)
+
+
+def get_comparison_gpu(wildcards):
+    return min(1, max(WS.run(run).resources.gpu for run in WS.project.comparison_runs(wildcards.name)))
 
 
 # ---------------------------------------------------------------- merges, extractions, LoRA tools

@@ -370,10 +370,20 @@ def load_weights(path: Path, unet, text_encoder, multiplier: float = 1.0):
     return network
 
 
-def apply_weights(path: Path, unet, text_encoder, multiplier: float = 1.0):
-    """Apply a LoRA file at run time (the original weights stay untouched); returns the network."""
+def apply_weights(path: Path, unet, text_encoder, multiplier: float = 1.0, text_encoder_multiplier: float | None = None,
+                  block_weights: dict[str, float] | None = None):
+    """Apply a LoRA file at run time (the original weights stay untouched); returns the network, whose
+    `applied` modules are the ones to `restore()`. The text encoder's modules take
+    `text_encoder_multiplier` (default: `multiplier`); UNet modules take `multiplier` × their block's
+    weight, when given. A module at 0 is not applied at all: its layer runs exactly as before."""
     network = load_weights(path, unet, text_encoder, multiplier)
-    for lora in network.unet_loras + network.text_encoder_loras:
+    for lora in network.unet_loras:
+        block = block_of(lora.lora_name) if block_weights is not None else None
+        lora.multiplier = multiplier * (block_weights[block] if block is not None else 1.0)
+    for lora in network.text_encoder_loras:
+        lora.multiplier = multiplier if text_encoder_multiplier is None else text_encoder_multiplier
+    network.applied = [lora for lora in network.unet_loras + network.text_encoder_loras if lora.multiplier != 0.0]
+    for lora in network.applied:
         lora.apply_to()
     return network
 

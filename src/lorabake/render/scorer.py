@@ -106,7 +106,7 @@ def predict(images, scorer: ConceptScorer | None = None) -> list[dict[str, str]]
 def sample_prompts(base_dir: Path, prompts: list[str], steps: int = 20, cfg: float = 7.5, sampler: str = "ddim",
                    seed: int = 0, batch: int = 16) -> list[Image.Image]:
     """One image per prompt at the base's resolution; prompt i uses seed `seed + i`."""
-    from lorabake.render.sample import load_pipeline
+    from lorabake.render.cells import load_pipeline
 
     pipe = load_pipeline(Path(base_dir), sampler)
     images = []
