@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import planned_jobs, rules_of, runs_of, snakemake
@@ -82,7 +83,7 @@ def test_lr_change_retrains_one_run(project_copy):
         "scheduler: {type: cosine, warmup: 0.1}\naugment: {flip: true}\n")
     jobs = planned_jobs(project_copy)
     assert runs_of(jobs) == {"demo-unet-only"}
-    assert rules_of(jobs) == {"train", "sample_grid", "svd_merge"}  # the blend uses demo-unet-only
+    assert rules_of(jobs) == {"train", "sample_grid", "svd_merge", "comparison"}  # the blend and comparison use it
 
 
 def test_prompt_change_rerenders_grids_only(project_copy):
@@ -101,9 +102,9 @@ def test_an_added_prompt_renders_exactly_its_new_cells(project_copy):
     """No training; each grid job renders the pictures of the new prompt the cell cache lacks (its
     strength-0 picture is shared by every run's grid) and reuses every other."""
     config = project_copy / "configs" / "config.yaml"
-    config.write_text(config.read_text().replace('    - "lbk_square, blue square, gradient background --w 192 --h 128"',
-                                                 '    - "lbk_square, blue square, gradient background --w 192 --h 128"\n'
-                                                 '    - "lbk_circle, green circle --d 3"'))
+    data = yaml.safe_load(config.read_text())
+    data["samples"]["prompts"].append("lbk_circle, green circle --d 3")
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
     jobs = planned_jobs(project_copy)
     assert "train" not in rules_of(jobs) and rules_of(jobs) == {"sample_grid", "comparison"}
     targets = [(f"results/runs/{run}/grid.png", f"results/runs/{run}/scores.json", f"logs/sample_grid/{run}.log")

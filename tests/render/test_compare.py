@@ -97,3 +97,14 @@ def test_the_page_lists_the_settings_the_runs_differ_in(project):
     assert differing["network.train_text_encoder"] == {"demo-lora": True, "demo-unet-only": False}
     assert differing["optimizer.lr"] == {"demo-lora": 2.0e-3, "demo-unet-only": 3.0e-3}
     assert "training.batch_size" not in differing and "optimizer.type" not in differing  # the same in both
+
+
+def test_the_shipped_config_compares_both_demo_runs():
+    from conftest import REPO
+
+    ws = Workspace.load(REPO / "configs" / "config.yaml")
+    assert ws.project.file.comparisons, "the default config ships a comparison"
+    for name in ws.project.file.comparisons:
+        plan = compare.plan_comparison(ws, name)
+        assert set(plan.axes["runs"].values) == set(ws.project.runs) == {"demo-lora", "demo-unet-only"}
+        assert len(plan.axes["seeds"].values) == 2 and compare.page_files(plan) == ["grid.png"]
