@@ -73,11 +73,9 @@ def _samples(ws, comparison: Comparison) -> Samples:
 
 
 def _epochs_axis(ws, comparison: Comparison, runs: list[str]) -> Axis:
-    from lorabake.train.plan import kept_epochs
-
     if comparison.epochs == "last":
         return Axis("epochs", [None], [LAST])
-    kept = {run: kept_epochs(ws.run(run), ws.plan(run)) for run in runs}
+    kept = {run: _kept(ws, run) for run in runs}
     if comparison.epochs == "all":
         epochs = sorted({e for values in kept.values() for e in values})
     else:
@@ -244,19 +242,19 @@ def _page_index(plan: ComparisonPlan, planned: PlannedCell) -> int:
     return index
 
 
-def _block(plan: ComparisonPlan, by_coords: dict, fixed: dict[str, int]) -> grid.GridBlock:
+def _block(plan: ComparisonPlan, by_coords: dict, at: dict[str, int]) -> grid.GridBlock:
     rows, columns = _combos(plan, plan.rows), _combos(plan, plan.columns)
     images, captions = [], []
     for row in rows:
         images.append([]), captions.append([])
         for column in columns:
-            coords = {axis: 0 for axis in AXES} | fixed | row | column
+            coords = {axis: 0 for axis in AXES} | at | row | column
             planned = by_coords[tuple(coords[axis] for axis in AXES)]
             images[-1].append(_cell_image(planned))
             captions[-1].append(_caption(plan, planned))
-    titles = [plan.axes[axis].labels[i] for axis, i in fixed.items() if axis in plan.sections]
+    titles = [plan.axes[axis].labels[i] for axis, i in at.items() if axis in plan.sections]
     if "prompts" not in plan.placed:  # one prompt for the whole block: it is the block's title
-        prompt = parse_prompt(plan.axes["prompts"].values[fixed.get("prompts", 0)], PARSE_ONLY)
+        prompt = parse_prompt(plan.axes["prompts"].values[at.get("prompts", 0)], PARSE_ONLY)
         titles.insert(0, prompt.text + (f"  [neg: {prompt.negative}]" if prompt.negative else ""))
     return grid.GridBlock(title=" | ".join(titles), row_labels=[_label(plan, r) for r in rows],
                           col_labels=[_label(plan, c) for c in columns], images=images,
