@@ -11,8 +11,6 @@ pip() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"
 .venv/bin/python -c "import torch" 2>/dev/null || pip "$TORCH"
 pip -r envs/requirements-cpu.txt
 [ -z "${LORABAKE_FARM:-}" ] || pip -r envs/requirements-slurm.txt   # farms: the SLURM executor plugin
-.venv/bin/python -c "import importlib.util as u; assert u.find_spec('open_clip')" 2>/dev/null \
-  || pip --no-deps "open-clip-torch>=2.24,<4"
 pip --no-deps -e .
 .venv/bin/lorabake --help > /dev/null
 echo "lorabake is set up in .venv (run: .venv/bin/snakemake -j1 all)"

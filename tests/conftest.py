@@ -28,11 +28,14 @@ WORKFLOW_FILES = frozenset(WORKFLOW_GROUPS)
 
 
 def pytest_collection_modifyitems(items):
-    """A `workflow` test outside WORKFLOW_GROUPS would build the demo project on yet another worker."""
+    """A `workflow` test outside WORKFLOW_GROUPS would build the demo project on yet another worker.
+    The farm tests go first, so that the farm build (minutes, in the background) starts with the
+    session and overlaps the local build instead of following the other farm-group tests."""
     for item in items:
         path = item.nodeid.split("::", 1)[0]
         if item.get_closest_marker("workflow") and path not in WORKFLOW_FILES:
             raise pytest.UsageError(f"{item.nodeid} runs Snakemake: add {path} to WORKFLOW_GROUPS in tests/conftest.py")
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/test_slurm.py"))
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -128,10 +131,25 @@ def runs_of(jobs, rule: str = "train") -> set[str]:
 
 
 @pytest.fixture(scope="session")
-def built_project(tmp_path_factory) -> Path:
-    """The demo project (+ `other`), built with `snakemake -j1 all` once for the whole session."""
-    project = make_project(tmp_path_factory.mktemp("built") / "project")
-    snakemake(project, "all")
+def built_project(tmp_path_factory, worker_id) -> Path:
+    """The demo project (+ `other`), built with `snakemake -j1 all` once for the whole test run.
+    Under pytest-xdist every worker has its own session: the first to ask builds the project in the
+    run's shared temporary folder while the others wait on a lock, so it is built once, not per worker
+    (each build is ~2.5 min of CPU). Tests only read it; `project_copy` gives one to edit."""
+    from filelock import FileLock
+
+    if worker_id == "master":  # no xdist: this session is the whole run
+        shared = tmp_path_factory.getbasetemp()
+    else:
+        shared = tmp_path_factory.getbasetemp().parent
+    project, done = shared / "built" / "project", shared / "built" / "done"
+    with FileLock(str(shared / "built.lock")):
+        if not done.is_file():
+            if project.parent.exists():  # an earlier build that failed: start again, cleanly
+                shutil.rmtree(project.parent)
+            make_project(project)
+            snakemake(project, "all")
+            done.write_text("built\n")
     return project
 
 

@@ -48,8 +48,11 @@ def test_same_config_and_seed_give_identical_bytes(project_copy):
     which Snakemake pins per rule (OMP_NUM_THREADS), so the same command gives the same bytes."""
     target = "results/runs/other-run/other-run.safetensors"
     first = (project_copy / target).read_bytes()
-    snakemake(project_copy, "--forcerun", "train", target)
+    # The target goes first: --forcerun takes every word after it as a rule or file to force, and
+    # `--forcerun train <target>` would rebuild the whole of `all`.
+    out = snakemake(project_copy, target, "--forcerun", "train")
     assert "train other-run" in (project_copy / "logs/train/other-run.log").read_text()
+    assert out.stderr.count("rule train:") == 1, out.stderr
     assert (project_copy / target).read_bytes() == first
 
 

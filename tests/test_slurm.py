@@ -21,7 +21,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.workflow]
 
 SCRIPT = REPO / "scripts" / "slurm-local.sh"
 PROFILE = REPO / "profiles" / "slurm-local"
-BUILD_TIMEOUT_S = 480
+# A guard against a hung build, not a speed target: the farm build takes ~3.5 min on an idle 2-core
+# machine and ran past 8 min on a busy CI one (its jobs share the cores with the local build).
+BUILD_TIMEOUT_S = 1500
 
 
 def cannot_run_slurm() -> str | None:

@@ -23,6 +23,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
+import lorabake
 from lorabake import cli, paths
 from lorabake.models import bases, network, sd_layout
 from lorabake.workspace import Workspace
@@ -276,7 +277,7 @@ LORA_FILES = {
 MINIMUM_KEYS = {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
                 "ss_v2", "ss_v_parameterization", "ss_resolution", "sshs_model_hash", "sshs_legacy_hash",
                 "modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation", "modelspec.title",
-                "modelspec.resolution", "modelspec.prediction_type"}
+                "modelspec.resolution", "modelspec.prediction_type", "modelspec.implementation_version"}
 
 
 def lora_file(project: Project, request, name: str) -> Path:
@@ -294,7 +295,8 @@ def test_lora_metadata_has_kohyas_keys_and_values(project, request, name):
     assert args.get("algo") == algo
     assert (meta["ss_base_model_version"], meta["ss_v2"], meta["ss_v_parameterization"]) == (version, v2, "False")
     assert (meta["modelspec.architecture"], meta["modelspec.implementation"]) == (architecture, implementation)
-    assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["modelspec.prediction_type"] == "epsilon"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["modelspec.prediction_type"] == "epsilon"
+    assert meta["modelspec.implementation_version"] == f"lorabake/{lorabake.__version__}"
     if name == "sd1-extracted":  # the base's own size: diffusers' default height = UNet sample size × 8
         unet = json.loads((project.base_dir("sd1") / "unet/config.json").read_text())
         side = unet["sample_size"] * 8

@@ -2,9 +2,6 @@
 # Snakemake runs this inside the env of lorabake.yaml (beside it) once it is created (`--sdm conda`),
 # from the workflow's working directory: the project root.
 set -euo pipefail
-# lorabake only reads the CLIP vocabulary file open-clip-torch ships; its dependencies
-# (torchvision, timm) would pull other torch builds.
-pip install --quiet --no-deps "open-clip-torch>=2.24,<4"
 # lorabake itself: this checkout, or the one LORABAKE_SOURCE names when the project lives elsewhere.
 pip install --quiet --no-deps "${LORABAKE_SOURCE:-.}"
 lorabake --help > /dev/null

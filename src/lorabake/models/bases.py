@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import json
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -47,11 +46,8 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def clip_bpe_file() -> Path:
-    """The BPE merges file open-clip-torch ships (found without importing open_clip)."""
-    spec = find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the open-clip-torch package is not installed; it ships the CLIP vocabulary")
-    return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    """CLIP's BPE merges file, shipped in the package (models/vocab/, with its MIT licence)."""
+    return Path(__file__).parent / "vocab" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def write_clip_tokenizer(out_dir: Path, pad_token: str = "<|endoftext|>") -> None:

@@ -47,6 +47,9 @@ def network_module(algo: str) -> str:
 
 
 STABILITY = "https://github.com/Stability-AI/generative-models"
+# The spec version kohya's library/sai_model_spec.py writes, and who wrote the file (kohya writes
+# sd-scripts/<commit>); in every LoRA and checkpoint lorabake saves.
+MODELSPEC_VERSION = {"modelspec.sai_model_spec": "1.0.1", "modelspec.implementation_version": f"lorabake/{__version__}"}
 
 
 def architecture_metadata(arch: str, prediction: str) -> dict[str, str]:
@@ -78,7 +81,7 @@ def lora_metadata(*, run_name: str, algo: str, dim: int, alpha: float, network_a
         "ss_epoch": str(epoch),
         "ss_steps": str(steps),
         "ss_sd_model_name": base.get("source", {}).get("path", base.get("builtin", base["id"])),
-        "modelspec.sai_model_spec": "1.0.0",
+        **MODELSPEC_VERSION,
         "modelspec.title": f"{run_name} (epoch {epoch})",
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "lorabake_version": __version__,

@@ -50,7 +50,7 @@ def checkpoint_metadata(base_dir: Path, base: bases.Base, loras: list[MergeInput
     arch_meta = lora_format.architecture_metadata(base.arch, info.get("prediction", "epsilon"))
     size = base.resolution
     return {
-        "modelspec.sai_model_spec": "1.0.0",
+        **lora_format.MODELSPEC_VERSION,
         "modelspec.architecture": arch_meta["modelspec.architecture"].removesuffix("/lora"),
         "modelspec.implementation": lora_format.STABILITY,
         "modelspec.prediction_type": arch_meta["modelspec.prediction_type"],
