@@ -104,6 +104,9 @@ def test_option_reference_is_generated_from_the_models():
         if model is not None:
             assert {f"{name}.{child}" for child in model[0].model_fields} <= keys
     assert "| network.algo |" in committed and "| loss.multires_noise.iterations |" in committed
+    rows = [line.split("|") for line in committed.splitlines() if line.startswith("| ") and "---" not in line]
+    undescribed = [row[1].strip() for row in rows if len(row) > 5 and not row[4].strip()]
+    assert not undescribed, f"these options have no description: {undescribed}"
 
 
 XL = CONFIG.replace("{tiny: {builtin: tiny-sd}}", "{tiny: {builtin: tiny-sdxl}}")
@@ -164,3 +167,32 @@ def test_a_yaml_bomb_is_refused_within_a_second(tmp_path):
     with pytest.raises(ConfigError, match=r"a.yaml: expands to more than 100,000 values"):
         load_project(project(tmp_path, bomb))
     assert time.monotonic() - started < 1
+
+
+MERGE_CONFIG = CONFIG.replace("bases: {tiny: {builtin: tiny-sd}}", "bases: {tiny: {builtin: tiny-sd}, other: {builtin: tiny-sd}}")
+
+
+def test_merges_and_extracts_default_to_the_base_their_runs_trained_on(tmp_path):
+    config = MERGE_CONFIG.replace("defaults: {", "defaults: {base: other, ") + """
+merges: [{name: m, loras: [{run: a}]}]
+extracts: [{name: e, tuned: m}]
+"""
+    p = load_project(project(tmp_path, "", config))
+    assert p.file.merges["m"].base == "other" and p.file.extracts["e"].base == "other"
+
+
+def test_a_merge_of_runs_on_two_bases_must_name_its_base(tmp_path):
+    config = MERGE_CONFIG + "merges: [{name: m, loras: [{run: a}, {run: b}]}]\n"
+    path = project(tmp_path, "base: other\n", config)
+    (tmp_path / "runs" / "b.yaml").write_text("base: tiny\n")
+    with pytest.raises(ConfigError) as e:
+        load_project(path)
+    assert "config.yaml: merges.m.base: its LoRAs' runs trained on different bases (other, tiny)" in str(e.value)
+    assert load_project(project(tmp_path, "base: other\n", config.replace("{name: m,", "{name: m, base: tiny,")))
+
+
+def test_an_extract_from_a_bases_key_must_name_its_base(tmp_path):
+    config = MERGE_CONFIG + "extracts: [{name: e, tuned: other}]\n"
+    with pytest.raises(ConfigError) as e:
+        load_project(project(tmp_path, "", config))
+    assert "extracts.e.base: required when `tuned` ('other') is not a merge" in str(e.value)

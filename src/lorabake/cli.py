@@ -358,6 +358,11 @@ def parser() -> argparse.ArgumentParser:
     kohya.add_argument("--out", required=True, help="the run config to write, e.g. configs/runs/NAME.yaml")
     kohya.add_argument("--report", help="the report to write (default: beside --out, NAME.import.md)")
     kohya.set_defaults(func=None)
+    init = sub.add_parser("init", help="start a project: Snakefile, workflow/, the demo configs/ and datasets/demo",
+                          description="Start a project in DIR: the workflow (Snakefile, workflow/), the demo's "
+                                      "configs/ and datasets/demo, ready for `cd DIR && snakemake -j1 all`.")
+    init.add_argument("dir", nargs="?", default=".", help="the project folder (default: the current one)")
+    init.set_defaults(func=None)
     docs = sub.add_parser("docs", help="write the option reference generated from the config models")
     docs.add_argument("--out", default="docs/options.md")
     docs.set_defaults(func=None)
@@ -389,6 +394,19 @@ def import_kohya(args) -> int:
     return 0
 
 
+def init(folder: str) -> int:
+    from lorabake.scaffold import init_project
+
+    try:
+        init_project(Path(folder))
+    except (FileExistsError, FileNotFoundError) as e:
+        print(f"lorabake: error: {e}", file=sys.stderr)
+        return 2
+    print(f"started a project in {folder}: Snakefile, workflow/, configs/, datasets/demo/\n"
+          f"build the demo with: cd {folder} && snakemake -j1 all   (then add your datasets and runs)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "docs":  # needs no project
@@ -396,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "import-kohya":
         return import_kohya(args)
+    if args.command == "init":
+        return init(args.dir)
     try:
         ws = Workspace.load(args.config)
         for warning in ws.project.warnings:

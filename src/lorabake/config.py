@@ -137,11 +137,13 @@ class DatasetSpec(Strict):
 # ---------------------------------------------------------------- one training run
 
 class Buckets(Strict):
-    enabled: bool = True
+    enabled: bool = option(True, "sort images into aspect-ratio buckets (off: every image is resized and "
+                                 "center-cropped to resolution)", "--enable_bucket")
     min: int = option(256, "smallest bucket side in px", "--min_bucket_reso", ge=64, most=MAX_SIDE, why=SIDE_WHY)
     max: int = option(1024, "largest bucket side in px", "--max_bucket_reso", ge=64, most=MAX_SIDE, why=SIDE_WHY)
     step: int = option(64, "bucket sides are multiples of this", "--bucket_reso_steps", ge=8)
-    no_upscale: bool = False
+    no_upscale: bool = option(False, "never enlarge an image to reach a bucket: small images get buckets of "
+                                     "their own size", "--bucket_no_upscale")
 
     @model_validator(mode="after")
     def _ordered(self) -> "Buckets":
@@ -189,6 +191,19 @@ class Network(Strict):
                                   "rescaled, block_size, bypass_mode…)", "--network_args")
     train_unet: bool = option(True, "train modules on the UNet", "not --network_train_text_encoder_only")
     train_text_encoder: bool = option(True, "train modules on the text encoder", "not --network_train_unet_only")
+    loraplus_lr_ratio: float | None = option(None, "LoRA+ (Hayou et al. 2024): the up matrices learn this many "
+                                             "times faster than the down ones (16 is the paper's choice)",
+                                             "network_args loraplus_lr_ratio", gt=0)
+    loraplus_unet_lr_ratio: float | None = option(None, "LoRA+ ratio of the UNet's modules (default: "
+                                                  "loraplus_lr_ratio)", "network_args loraplus_unet_lr_ratio", gt=0)
+    loraplus_text_encoder_lr_ratio: float | None = option(None, "LoRA+ ratio of the text encoders' modules "
+                                                          "(default: loraplus_lr_ratio)",
+                                                          "network_args loraplus_text_encoder_lr_ratio", gt=0)
+
+    def loraplus_ratio(self, part: str) -> float:
+        """The LoRA+ multiplier of the up matrices of `part` ("unet" or "text_encoder"); 1 when off."""
+        own = self.loraplus_unet_lr_ratio if part == "unet" else self.loraplus_text_encoder_lr_ratio
+        return own or self.loraplus_lr_ratio or 1.0
 
     @field_validator("block_dims", "block_alphas", "block_lr_weights")
     @classmethod
@@ -223,6 +238,10 @@ class Network(Strict):
                              "use module_dropout")
         if self.conv_alpha is not None and self.conv_dim is None:
             raise ValueError("conv_alpha is set but conv_dim is not: set conv_dim to train 3×3 convolutions")
+        loraplus = self.loraplus_lr_ratio or self.loraplus_unet_lr_ratio or self.loraplus_text_encoder_lr_ratio
+        if loraplus and self.algo not in ("lora", "locon"):
+            raise ValueError(f"LoRA+ speeds up the up matrices of lora/locon modules; {self.algo} has none "
+                             "(drop the loraplus_* keys or train lora/locon)")
         return self
 
 
@@ -270,7 +289,11 @@ class Training(Strict):
                              most=MAX_BATCH, why="real runs accumulate at most about a hundred batches per step")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "autocast dtype of the forward pass",
                                                             "--mixed_precision")
-    full_precision: bool = option(False, "keep the trained weights in the mixed-precision dtype too",
+    max_grad_norm: float = option(1.0, "clip the gradients' global norm to this before each optimizer step "
+                                  "(0: off)", "--max_grad_norm", ge=0.0)
+    full_precision: bool = option(False, "train fully in mixed_precision's dtype: the network's weights, "
+                                  "gradients and optimizer state are bf16/fp16 too, not fp32 (less memory, "
+                                  "coarser updates; fp16 needs a GPU)",
                                   "--full_bf16 / --full_fp16")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory",
                                           "--gradient_checkpointing")
@@ -309,6 +332,30 @@ class Loss(Strict):
         "auto", "training target (auto: what the base's scheduler says)", "--v_parameterization")
     scale_weight_norms: float | None = option(None, "max-norm of each module's update (scaled down past it)",
                                               "--scale_weight_norms", gt=0)
+    type: Literal["l2", "l1", "huber", "smooth_l1"] = option(
+        "l2", "the regression loss: squared error, absolute error, or pseudo-Huber (L2 for residuals below "
+        "huber_c, linear above; smooth_l1 is the same divided by huber_c)", "--loss_type")
+    huber_c: float = option(0.1, "huber / smooth_l1 threshold (per timestep, as huber_schedule says)", "--huber_c",
+                            gt=0.0, le=1.0)
+    huber_schedule: Literal["constant", "exponential", "snr"] = option(
+        "snr", "huber_c per timestep: constant; exponential from 1 at t=0 to huber_c at the last timestep; "
+        "snr: (1 − c)/(1 + σ_t)² + c", "--huber_schedule")
+    huber_scale: float = option(1.0, "multiplies the constant and exponential schedules' threshold", "--huber_scale",
+                                gt=0.0)
+    debiased_estimation: bool = option(False, "weight each image's loss by 1/√SNR (ε) or 1/(SNR + 1) (v), "
+                                       "SNR capped at 1000 (Yu et al. 2023)", "--debiased_estimation_loss")
+    v_pred_like_loss: float | None = option(None, "add this × the loss rescaled as a v-prediction loss",
+                                            "--v_pred_like_loss", gt=0.0)
+    ip_noise_gamma: float | None = option(None, "input perturbation: noise the latents with noise + γ·ε′ but "
+                                          "regress on the noise (Ning et al. 2023; 0.1 is usual)",
+                                          "--ip_noise_gamma", gt=0.0)
+    ip_noise_gamma_random_strength: bool = option(False, "draw γ uniformly in [0, ip_noise_gamma) each step",
+                                                  "--ip_noise_gamma_random_strength")
+    zero_terminal_snr: bool = option(False, "rescale the noise schedule so the last timestep is pure noise "
+                                     "(Lin et al. 2023; pair it with v-prediction)", "--zero_terminal_snr")
+    min_timestep: int = option(0, "the smallest timestep trained", "--min_timestep", ge=0)
+    max_timestep: int | None = option(None, "train timesteps below this (default: the scheduler's count, 1000)",
+                                      "--max_timestep", ge=1)
 
     @model_validator(mode="after")
     def _offsets(self) -> "Loss":
@@ -316,6 +363,10 @@ class Loss(Strict):
             raise ValueError("adaptive_noise_scale needs noise_offset > 0 (it adjusts the offset)")
         if self.noise_offset and self.multires_noise.iterations:
             raise ValueError("noise_offset and multires_noise are exclusive in kohya; choose one")
+        if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
+            raise ValueError(f"max_timestep ({self.max_timestep}) must be above min_timestep ({self.min_timestep})")
+        if self.ip_noise_gamma_random_strength and self.ip_noise_gamma is None:
+            raise ValueError("ip_noise_gamma_random_strength needs ip_noise_gamma (the most it draws)")
         return self
 
 

@@ -171,10 +171,35 @@ def load_project(config_file: str | Path, runs_dir: str | Path | None = None) ->
             runs[point_name], run_notes = _validated(RunConfig, merged, sources)
             run_files[point_name] = run_file
             notes += run_notes
-    project = Project(root=root, config_file=config_file, file=project_file, runs=runs,
-                      run_files=run_files, warnings=tuple(notes))
+    project = Project(root=root, config_file=config_file, file=_default_bases(project_file, runs, config_file),
+                      runs=runs, run_files=run_files, warnings=tuple(notes))
     check_references(project)
     return project
+
+
+def _default_bases(f: ProjectFile, runs: dict[str, RunConfig], where: Path) -> ProjectFile:
+    """A merge without `base` merges into the base its LoRAs' runs trained on; an extract without one
+    compares with the base of the merge it extracts from."""
+    problems, merges, extracts = [], {}, {}
+    for name, merge in f.merges.items():
+        if merge.base is None:
+            trained = sorted({runs[lora.run].base for lora in merge.loras if lora.run in runs})
+            if len(trained) > 1:
+                problems.append(f"{where}: merges.{name}.base: its LoRAs' runs trained on different bases "
+                                f"({', '.join(trained)}): say which one to merge into")
+            merge = merge.model_copy(update={"base": trained[0] if len(trained) == 1 else None})
+        merges[name] = merge
+    for name, extract in f.extracts.items():
+        if extract.base is None:
+            if extract.tuned not in merges:
+                problems.append(f"{where}: extracts.{name}.base: required when `tuned` ('{extract.tuned}') is not a "
+                                "merge: the key of bases it was fine-tuned from")
+            else:
+                extract = extract.model_copy(update={"base": merges[extract.tuned].base})
+        extracts[name] = extract
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return f.model_copy(update={"merges": merges, "extracts": extracts})
 
 
 def _nested(dotted: str, value: Any) -> dict[str, Any]:
@@ -226,7 +251,7 @@ def check_references(project: Project) -> None:
                 problems.append(f"{where}: datasets: '{ds}' is not a key of datasets in {project.config_file.name} ({sorted(f.datasets)})")
     where = project.config_file
     for name, merge in f.merges.items():
-        if merge.base not in f.bases:
+        if merge.base is not None and merge.base not in f.bases:  # None: none of its runs exists (below)
             problems.append(f"{where}: merges.{name}.base: '{merge.base}' is not a key of bases")
         for j, lora in enumerate(merge.loras):
             if lora.run not in project.runs:
@@ -235,7 +260,7 @@ def check_references(project: Project) -> None:
         if extract.tuned not in f.merges and extract.tuned not in f.bases:
             problems.append(f"{where}: extracts.{name}.tuned: '{extract.tuned}' is neither a merge "
                             f"({sorted(f.merges)}) nor a key of bases ({sorted(f.bases)})")
-        if extract.base not in f.bases:
+        if extract.base is not None and extract.base not in f.bases:
             problems.append(f"{where}: extracts.{name}.base: '{extract.base}' is not a key of bases")
     for kind, entries in (("resizes", f.resizes), ("svd_merges", f.svd_merges)):
         for name, entry in entries.items():

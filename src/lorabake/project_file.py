@@ -23,7 +23,8 @@ class Samples(Strict):
     prompts: list[str] = Field(min_length=1, description="kohya syntax: prompt --n neg --w --h --d seed --l cfg --s steps; "
                                                          f"--w and --h are 64 to {MAX_SIDE:,}, the others have the "
                                                          "bounds of steps, cfg and seed")
-    strengths: list[float] = Field([0.0, 0.5, 1.0], min_length=1)
+    strengths: list[float] = Field([0.0, 0.5, 1.0], min_length=1,
+                                   description="LoRA strengths, the grid's columns (0 = the base alone)")
     sampler: str = Field("euler_a", description="a sampler as A1111/ComfyUI name it: " + ", ".join(SAMPLERS)
                                                 + "; kohya's names (k_euler_a, dpmsolver++, …) are accepted too")
     steps: int = option(20, "sampling steps (a prompt's --s overrides it)", ge=1, most=1000,
@@ -75,7 +76,7 @@ class Comparison(Strict):
     weights. Axes left out take the samples' setting; axes with several values go where rows, columns
     and pages say, and the rest stack as sections of the page."""
 
-    name: Name
+    name: Name = Field(description="the artifact's name (its file or folder under results/)")
     runs: list[str] = Field(min_length=1, description="run names, or a run file's name meaning all its sweep points")
     epochs: list[int] | Literal["last", "all"] = Field("last", description="epochs to show: a list, `last` (the "
                                                                            "final LoRA) or `all` kept epoch files")
@@ -142,8 +143,8 @@ def placement(where: Placement) -> list[str]:
 
 
 class MergeLora(Strict):
-    run: str
-    ratio: float = 1.0
+    run: str = Field(description="the run whose final LoRA is merged")
+    ratio: float = Field(1.0, description="the LoRA's strength in the merge (kohya's --ratios)")
     block_weights: list[float] | None = Field(
         None, description="25 weights (IN00–IN11, MID, OUT00–OUT11) multiplying the ratio per UNet block; "
                           "text encoder modules keep the ratio")
@@ -155,18 +156,20 @@ class MergeLora(Strict):
 
 
 class Merge(Strict):
-    name: Name
-    base: str = "tiny"
-    loras: list[MergeLora] = Field(min_length=1)
+    name: Name = Field(description="the artifact's name (its file or folder under results/)")
+    base: str | None = Field(None, description="key of bases to merge into; default: the base its LoRAs' runs "
+                                               "trained on")
+    loras: list[MergeLora] = Field(min_length=1, description="the runs' LoRAs merged in, in order")
     precision: Literal["fp16", "bf16", "fp32"] = "fp32"
     diffusers: bool = Field(False, description="also write results/merged/{name}.diffusers/ (a diffusers folder)")
 
 
 class Extract(Strict):
-    name: Name
+    name: Name = Field(description="the artifact's name (its file or folder under results/)")
     tuned: str = Field(description="the tuned model: the name of a merge, or a key of bases (e.g. a fine-tuned "
                                    "single-file checkpoint)")
-    base: str = "tiny"
+    base: str | None = Field(None, description="key of bases the tuned model is compared with; default: the "
+                                               "base of the `tuned` merge (required when `tuned` is a key of bases)")
     dim: int = option(8, "rank of the extracted LoRA", ge=1, most=MAX_RANK, why=RANK_WHY)
     conv_dim: int | None = option(None, "rank for 3×3 convolutions (LoCon); none: not extracted", ge=1,
                                   most=MAX_RANK, why=RANK_WHY)
@@ -180,14 +183,14 @@ class Extract(Strict):
 class Resize(Strict):
     """A run's LoRA re-factored to a lower rank by SVD (kohya's resize_lora.py)."""
 
-    name: Name
+    name: Name = Field(description="the artifact's name (its file or folder under results/)")
     run: str = Field(description="the run whose final LoRA is resized")
     rank: int = option(..., "new rank (with `dynamic`: the most any module gets)", ge=1, most=MAX_RANK, why=RANK_WHY)
     conv_rank: int | None = option(None, "new rank of 3×3 convolutions (default: rank)", ge=1, most=MAX_RANK,
                                    why=RANK_WHY)
     dynamic: Literal["sv_ratio", "sv_fro", "sv_cumulative"] | None = Field(
         None, description="choose each module's rank: σ ≥ σmax / param, Frobenius fraction ≥ param, or Σσ fraction ≥ param")
-    dynamic_param: float | None = Field(None, gt=0.0)
+    dynamic_param: float | None = Field(None, gt=0.0, description="the threshold `dynamic` uses (e.g. 0.9)")
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"
 
     @model_validator(mode="after")
@@ -198,20 +201,21 @@ class Resize(Strict):
 
 
 class SvdMergeLora(Strict):
-    run: str
-    ratio: float = 1.0
+    run: str = Field(description="the run whose final LoRA goes in")
+    ratio: float = Field(1.0, description="its weight in Σ ratio × ΔW (kohya's --ratios)")
 
 
 class SvdMerge(Strict):
     """Several runs' LoRAs merged into one LoRA: Σ ratio × ΔW per module, re-factored by SVD (kohya's
     svd_merge_lora.py)."""
 
-    name: Name
-    loras: list[SvdMergeLora] = Field(min_length=1)
+    name: Name = Field(description="the artifact's name (its file or folder under results/)")
+    loras: list[SvdMergeLora] = Field(min_length=1, description="the runs' LoRAs and their ratios")
     rank: int = option(..., "rank of the merged LoRA", ge=1, most=MAX_RANK, why=RANK_WHY)
     conv_rank: int | None = option(None, "rank of 3×3 convolutions (default: rank)", ge=1, most=MAX_RANK,
                                    why=RANK_WHY)
-    clamp_quantile: float | None = Field(None, gt=0.0, le=1.0)
+    clamp_quantile: float | None = Field(None, gt=0.0, le=1.0, description="clamp the factors to this quantile "
+                                                                             "(kohya's default 0.99); none: exact")
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"
 
 
@@ -219,17 +223,26 @@ NAMED_LIST = {"written_as": "list"}  # for docs/options.md: the YAML holds a lis
 
 
 class ProjectFile(Strict):
-    bases: dict[Name, BaseSpec]
-    datasets: dict[Name, DatasetSpec]
-    defaults: dict[str, Any] = Field(default_factory=dict)
-    samples: Samples | None = None
+    bases: dict[Name, BaseSpec] = Field(description="base models by name: a builtin, or a path (single file or "
+                                                    "diffusers folder); runs name one with `base`")
+    datasets: dict[Name, DatasetSpec] = Field(description="datasets by name: kohya-layout folders "
+                                                          "(<repeats>_<concept>/image + caption)")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="run settings under every "
+                                                                       "configs/runs/*.yaml (the keys below)")
+    samples: Samples | None = Field(None, description="each run's sample grid (results/runs/{run}/grid.png); "
+                                                      "none: no grids")
     # Written as lists of entries with a `name` (the YAML stays as users write it), held keyed by name
     # like bases, so every caller looks an entry up the same way.
-    merges: dict[str, Merge] = Field(default_factory=dict, json_schema_extra=NAMED_LIST)
-    extracts: dict[str, Extract] = Field(default_factory=dict, json_schema_extra=NAMED_LIST)
-    resizes: dict[str, Resize] = Field(default_factory=dict, json_schema_extra=NAMED_LIST)
-    svd_merges: dict[str, SvdMerge] = Field(default_factory=dict, json_schema_extra=NAMED_LIST)
-    comparisons: dict[str, Comparison] = Field(default_factory=dict, json_schema_extra=NAMED_LIST)
+    merges: dict[str, Merge] = Field(default_factory=dict, json_schema_extra=NAMED_LIST,
+                               description="LoRAs merged into a base: single-file checkpoints (results/merged/)")
+    extracts: dict[str, Extract] = Field(default_factory=dict, json_schema_extra=NAMED_LIST,
+                               description="LoRAs extracted from (tuned − base) by SVD (results/extracted/)")
+    resizes: dict[str, Resize] = Field(default_factory=dict, json_schema_extra=NAMED_LIST,
+                               description="runs' LoRAs at a lower rank (results/resized/)")
+    svd_merges: dict[str, SvdMerge] = Field(default_factory=dict, json_schema_extra=NAMED_LIST,
+                               description="several runs' LoRAs as one LoRA (results/svd-merged/)")
+    comparisons: dict[str, Comparison] = Field(default_factory=dict, json_schema_extra=NAMED_LIST,
+                               description="X/Y/Z grids over runs, epochs, strengths, prompts, seeds, … (results/comparisons/)")
     trainer_version: int = Field(1, description="bump by hand when training semantics change")
 
     @field_validator("merges", "extracts", "resizes", "svd_merges", "comparisons", mode="before")

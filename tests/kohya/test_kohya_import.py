@@ -91,7 +91,9 @@ def test_gui_locon_values_carry_over_as_kohya_used_them(locon):
                                          "lbk_cat in the snow"], "sampler": "euler_a"}
     # LyCORIS options are stored in every GUI save, but kohya_ss passes none of them for "Kohya LoCon"
     assert "does not pass it for LoRA_type Kohya LoCon" in reasons(locon)["train_on_input"]
-    assert not reasons(locon)["max_grad_norm"].startswith(NOTHING_LOST)  # lorabake does not clip: flagged
+    # kohya's newer loss options are carried: clipping, the loss and its threshold, the timestep range
+    assert (run.training.max_grad_norm, run.loss.type, run.loss.huber_c, run.loss.huber_schedule) == (1.0, "l2", 0.1, "snr")
+    assert (run.loss.min_timestep, run.loss.max_timestep, run.loss.ip_noise_gamma) == (0, 1000, None)
 
 
 def test_sd_scripts_loha_with_a_dataset_toml(loha):
@@ -116,8 +118,23 @@ def test_sd_scripts_loha_with_a_dataset_toml(loha):
     assert "disagree" in why["datasets[0].subsets[0].flip_aug"] and run.augment.flip is False
     assert why["network_args.preset"].startswith("approximate")
     assert why["my_experimental_flag"].startswith("no lorabake equivalent")
-    for lost in ("zero_terminal_snr", "datasets[0].subsets[1].caption_prefix", "max_grad_norm"):
-        assert not why[lost].startswith(NOTHING_LOST)
+    assert not why["datasets[0].subsets[1].caption_prefix"].startswith(NOTHING_LOST)
+    assert run.loss.zero_terminal_snr and run.training.max_grad_norm == 1.0
+
+
+def test_loraplus_and_huber_come_over_from_sd_scripts(tmp_path):
+    config = tmp_path / "plus.toml"
+    config.write_text('pretrained_model_name_or_path = "/models/sd15.safetensors"\ntrain_data_dir = "/data/x"\n'
+                      'network_module = "networks.lora"\nnetwork_dim = 8\nmax_train_steps = 100\n'
+                      'network_args = ["loraplus_lr_ratio=16", "loraplus_text_encoder_lr_ratio=4"]\n'
+                      'loss_type = "huber"\nhuber_c = 0.2\nhuber_schedule = "exponential"\nmin_timestep = 100\n'
+                      'max_grad_norm = 0.0\ndebiased_estimation_loss = true\nip_noise_gamma = 0.1\n')
+    result = import_kohya(config)
+    run = RunConfig.model_validate(result.run)
+    assert (run.network.loraplus_lr_ratio, run.network.loraplus_text_encoder_lr_ratio) == (16.0, 4.0)
+    assert (run.loss.type, run.loss.huber_c, run.loss.huber_schedule, run.loss.min_timestep) == ("huber", 0.2, "exponential", 100)
+    assert run.training.max_grad_norm == 0.0 and run.loss.debiased_estimation and run.loss.ip_noise_gamma == 0.1
+    assert not [entry for entry in result.unmapped if "loraplus" in entry[0] or "huber" in entry[0]]
 
 
 def test_sdxl_gui_warmup_steps_are_reported_not_guessed(sdxl):

@@ -112,6 +112,83 @@ def draw(latents: torch.Tensor, cfg: Loss, seed: int = 0) -> tuple[torch.Tensor,
     return noise, plain
 
 
+@pytest.mark.parametrize("kind", ["huber", "smooth_l1"])
+def test_pseudo_huber_is_l2_for_small_residuals_and_linear_for_large(scheduler, kind):
+    c = 0.1
+    cfg = Loss(type=kind, huber_c=c, huber_schedule="constant")
+    threshold = losses.huber_threshold(cfg, torch.tensor([10, 900]), scheduler)
+    assert torch.allclose(threshold, torch.full((2,), c))
+    small = torch.full((2, 1, 2, 2), 1e-3)
+    large = torch.full((2, 1, 2, 2), 50.0)
+    zero = torch.zeros_like(small)
+    scale = 1.0 if kind == "huber" else 1.0 / c  # smooth_l1 is huber / c
+    quadratic = losses.elementwise_loss(small, zero, cfg, threshold)
+    assert torch.allclose(quadratic, scale * small**2, rtol=1e-3)
+    linear = losses.elementwise_loss(large, zero, cfg, threshold)
+    assert torch.allclose(linear, scale * 2 * c * (large - c), rtol=1e-4)  # 2c(|r| − c) for |r| ≫ c
+    doubled = losses.elementwise_loss(2 * large, zero, cfg, threshold)
+    assert torch.allclose(doubled - linear, scale * 2 * c * large, rtol=1e-4)  # slope 2c: linear growth
+    l1 = losses.elementwise_loss(large, zero, Loss(type="l1"), None)
+    assert torch.equal(l1, large)
+
+
+def test_huber_schedules_follow_kohyas_formulas(scheduler):
+    t = torch.tensor([0, 500, 999])
+    exponential = losses.huber_threshold(Loss(type="huber", huber_c=0.1, huber_schedule="exponential"), t, scheduler)
+    assert torch.allclose(exponential, torch.exp(-(-torch.log(torch.tensor(0.1)) / 1000) * t.float()))
+    assert exponential[0] == 1.0 and 0.1 < exponential[-1] < 0.101  # from 1 at t=0 to ~c at the end
+    snr_schedule = losses.huber_threshold(Loss(type="huber", huber_c=0.1, huber_schedule="snr"), t, scheduler)
+    sigma = torch.tensor([(1 / sd1_snr(int(i))) ** 0.5 for i in t])
+    assert torch.allclose(snr_schedule, (0.9 / (1 + sigma) ** 2 + 0.1).float(), rtol=1e-4)
+    assert snr_schedule[0] > 0.8 and snr_schedule[-1] < 0.11  # clean: ~1 (L2-like); all noise: ~c
+
+
+def test_debiased_and_v_pred_like_weights_follow_kohya(scheduler):
+    prediction, target = torch.ones(3, 4, 2, 2), torch.zeros(3, 4, 2, 2)
+    t, plain = torch.tensor([0, 300, 999]), torch.ones(3)
+    snr_t = torch.clamp(losses.snr(scheduler, t), max=1000.0)
+    no_reg = torch.zeros(3, dtype=torch.bool)
+    debiased = losses.training_loss(prediction, target, t, no_reg, Loss(debiased_estimation=True), scheduler, "epsilon")
+    assert torch.isclose(debiased, (plain / snr_t.sqrt()).mean())
+    v_debiased = losses.training_loss(prediction, target, t, no_reg, Loss(debiased_estimation=True), scheduler,
+                                      "v_prediction")
+    assert torch.isclose(v_debiased, (plain / (snr_t + 1)).mean())
+    like = losses.training_loss(prediction, target, t, no_reg, Loss(v_pred_like_loss=0.5), scheduler, "epsilon")
+    assert torch.isclose(like, (plain + plain / (snr_t / (snr_t + 1)) * 0.5).mean())
+
+
+def test_timesteps_stay_in_the_configured_range():
+    generator = torch.Generator().manual_seed(0)
+    drawn = losses.sample_timesteps(20_000, Loss(min_timestep=100, max_timestep=300), 1000, generator)
+    assert drawn.min() == 100 and drawn.max() == 299  # every t in [100, 300), both ends reached
+    plain = losses.sample_timesteps(8, Loss(), 1000, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="max_timestep is 1200"):
+        losses.sample_timesteps(1, Loss(max_timestep=1200), 1000, generator)
+    with pytest.raises(ValueError, match="must be above min_timestep"):
+        Loss(min_timestep=500, max_timestep=500)
+
+
+def test_input_perturbation_noises_the_input_not_the_target():
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert losses.input_noise(noise, Loss(), torch.Generator()) is noise
+    perturbed = losses.input_noise(noise, Loss(ip_noise_gamma=0.1), torch.Generator().manual_seed(2))
+    extra = torch.randn(noise.shape, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(perturbed, noise + 0.1 * extra)
+    random = losses.input_noise(noise, Loss(ip_noise_gamma=0.1, ip_noise_gamma_random_strength=True),
+                                torch.Generator().manual_seed(2))
+    replay = torch.Generator().manual_seed(2)
+    gamma = torch.rand((), generator=replay).item() * 0.1  # the strength first, then the extra noise
+    assert 0.0 <= gamma < 0.1 and torch.allclose(random, noise + gamma * torch.randn(noise.shape, generator=replay))
+
+
+def test_zero_terminal_snr_makes_the_last_timestep_pure_noise(scheduler):
+    rescaled = losses.zero_terminal_snr(scheduler)
+    assert losses.snr(scheduler, torch.tensor([999])).item() > 1e-3
+    assert losses.snr(rescaled, torch.tensor([999])).item() < 1e-6  # ᾱ_T = 2⁻²⁴ (diffusers)
+    assert torch.isclose(rescaled.alphas_cumprod[0], scheduler.alphas_cumprod[0], rtol=1e-2)  # t=0 nearly clean
+
+
 def test_sample_noise_with_defaults_is_the_plain_draw():
     latents = torch.randn(3, 4, 8, 12).to(torch.bfloat16)
     noise, plain = draw(latents, Loss())

@@ -368,3 +368,58 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with pytest.raises(store.NonFiniteWeights, match=r"lora.safetensors: not written: 1 tensor.*'b'"):
         store.write_safetensors(tmp_path / "lora.safetensors", {"a": torch.ones(2), "b": torch.tensor([1.0, math.inf])})
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- kohya's newer training options
+
+def test_gradient_clipping_bounds_the_norm_every_step_sees(trainer, monkeypatch):
+    """The gradient the optimizer steps with has global norm ≤ max_grad_norm at every step; the logged
+    norm (before clipping, as kohya logs it) is above it, so the clip really acted."""
+    from lorabake.train import loop, optim
+
+    seen, make = [], optim.make_optimizer
+
+    def measure(optimizer, args, kwargs):  # runs inside optimizer.step(), before the update
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    def watched(*args, **kwargs):
+        optimizer = make(*args, **kwargs)
+        optimizer.register_step_pre_hook(measure)
+        return optimizer
+
+    monkeypatch.setattr(loop.optim, "make_optimizer", watched)
+    clipped = trainer.train("clip", {"training": {"max_steps": 4, "max_grad_norm": 0.01}})
+    logged = [record["grad_norm"] for record in clipped.records]
+    assert len(seen) == 4 and all(norm <= 0.01 * (1 + 1e-4) for norm in seen), seen
+    assert all(norm > 0.01 for norm in logged), logged
+    assert clipped.metadata()["ss_max_grad_norm"] == "0.01"
+    seen.clear()
+    free = trainer.train("clip-off", {"training": {"max_steps": 4, "max_grad_norm": 0}})
+    assert "grad_norm" not in free.records[0] and max(seen) > 0.01  # unclipped, the same run goes past it
+
+
+def test_loraplus_trains_the_up_matrices_faster(trainer):
+    result = trainer.train("loraplus", {"training": {"max_steps": 2},
+                                        "network": {"loraplus_lr_ratio": 4, "loraplus_text_encoder_lr_ratio": 2}})
+    lrs = result.records[0]["lrs"]
+    assert lrs["unet plus"] == pytest.approx(4 * lrs["unet"]) and lrs["text_encoder plus"] == pytest.approx(2 * lrs["text_encoder"])
+    assert result.metadata()["ss_loraplus_lr_ratio"] == "4.0"
+    with pytest.raises(ValueError, match="LoRA\\+ speeds up the up matrices of lora/locon modules; loha"):
+        config.RunConfig.model_validate({"network": {"algo": "loha", "loraplus_lr_ratio": 4}})
+
+
+def test_kohyas_loss_options_train_and_land_in_the_metadata(trainer):
+    """The issue's combination: huber, clipping at 1, min_timestep 100, LoRA+ 4."""
+    options = {"loss": {"type": "huber", "min_timestep": 100}, "training": {"max_steps": 4, "max_grad_norm": 1.0},
+               "network": {"loraplus_lr_ratio": 4}}
+    result = trainer.train("kohya-options", options)
+    meta = result.metadata()
+    assert (meta["ss_loss_type"], meta["ss_huber_c"], meta["ss_huber_schedule"]) == ("huber", "0.1", "snr")
+    assert (meta["ss_max_grad_norm"], meta["ss_min_timestep"], meta["ss_max_timestep"]) == ("1.0", "100", "None")
+    plain = trainer.train("kohya-options-l2", project.deep_merge(options, {"loss": {"type": "l2"}}))
+    assert result.records[0]["loss"] < plain.records[0]["loss"]  # pseudo-Huber ≤ L2 for every residual
+    for loss in ({"debiased_estimation": True}, {"ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": True},
+                 {"zero_terminal_snr": True, "prediction": "v_prediction"}, {"v_pred_like_loss": 0.1}, {"type": "l1"}):
+        other = trainer.train("kohya-" + "-".join(loss).replace("_", "-"), {"training": {"max_steps": 2}, "loss": loss})
+        assert all(math.isfinite(r["loss"]) for r in other.records), loss

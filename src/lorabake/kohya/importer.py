@@ -109,8 +109,6 @@ def import_kohya(config: Path, dataset_toml: Path | None = None, *, name: str | 
     _map_noise(imp)
     _map_stop_text_encoder(imp)
     _map_samples(imp, config.parent)
-    if imp.flavor == "sd-scripts" and "max_grad_norm" not in imp.entries:
-        imp.notes.append("kohya clipped gradients to norm 1.0 (max_grad_norm's default); lorabake does not clip.")
     imp.finish()
     run = _validated(imp, config)
     sources = (config,) + ((dataset_path,) if dataset_path else ())

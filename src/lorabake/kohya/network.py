@@ -75,6 +75,7 @@ def _map_network(imp: _Importer) -> None:
     _map_conv(imp, kind, args, dim, alpha)
     _map_dropouts(imp, kind, args)
     _map_blocks(imp, kind, args)
+    _map_loraplus(imp, args)
     if kind.conv_follows_dim or kind.algo != "lora":  # networks.lora reads none of LyCORIS' options
         _map_lycoris_args(imp, args)
     for name, arg in args.items():  # what the mappers above did not consume
@@ -152,6 +153,16 @@ def _set_dropout(imp: _Importer, kind: NetworkKind, entry: Entry, name: str, alg
     else:
         imp.skip(entry, f"lorabake trains LyCORIS' {kind.algo}, which has no {name} (it does in {', '.join(algos)}); "
                         "kohya's own module used it: consider module_dropout")
+
+
+LORAPLUS_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+
+def _map_loraplus(imp: _Importer, args: dict[str, Entry]) -> None:
+    """sd-scripts reads LoRA+ from network_args (loraplus_lr_ratio=16, …), for networks.lora and LyCORIS."""
+    for name in [name for name in LORAPLUS_ARGS if name in args]:
+        entry = args.pop(name)
+        imp.set(entry, f"network.{name}", _number(entry))
 
 
 def _map_lycoris_args(imp: _Importer, args: dict[str, Entry]) -> None:

@@ -61,12 +61,28 @@ SIMPLE: dict[str, tuple[str, Callable[[Entry], Any]]] = {
     "save_state": ("save.state", _boolean),
     "save_precision": ("save.precision", _save_precision),
     "network_weights": ("network.init_weights", _text),
+    "max_grad_norm": ("training.max_grad_norm", _number),
+    "loss_type": ("loss.type", _one_of("l2", "l1", "huber", "smooth_l1")),
+    "huber_c": ("loss.huber_c", _number),
+    "huber_schedule": ("loss.huber_schedule", _one_of("constant", "exponential", "snr")),
+    "huber_scale": ("loss.huber_scale", _number),
+    "debiased_estimation_loss": ("loss.debiased_estimation", _boolean),
+    "v_pred_like_loss": ("loss.v_pred_like_loss", _positive_or_none),
+    "ip_noise_gamma": ("loss.ip_noise_gamma", _positive_or_none),
+    "ip_noise_gamma_random_strength": ("loss.ip_noise_gamma_random_strength", _boolean),
+    "zero_terminal_snr": ("loss.zero_terminal_snr", _boolean),
+    "min_timestep": ("loss.min_timestep", _integer),
+    "max_timestep": ("loss.max_timestep", _count_or_none),
+    # kohya_ss's own keys; sd-scripts reads them from network_args (kohya/network.py maps those)
+    "loraplus_lr_ratio": ("network.loraplus_lr_ratio", _positive_or_none),
+    "loraplus_unet_lr_ratio": ("network.loraplus_unet_lr_ratio", _positive_or_none),
+    "loraplus_text_encoder_lr_ratio": ("network.loraplus_text_encoder_lr_ratio", _positive_or_none),
 }
 
 
 # kohya_ss leaves values equal to 0 out of the sd-scripts config, so sd-scripts' default applies instead
 # (lora_gui.py: `if value not in ["", False, None]`, and 0 == False); where that default is not 0 it matters.
-GUI_DROPPED_ZEROS = {"prior_loss_weight": 1.0}
+GUI_DROPPED_ZEROS = {"prior_loss_weight": 1.0, "max_grad_norm": 1.0}
 
 
 def _map_simple(imp: _Importer) -> None:

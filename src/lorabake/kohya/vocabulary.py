@@ -59,7 +59,14 @@ LORABAKE_KEYS: dict[str, str] = {
     "adaptive_noise_scale": "loss.adaptive_noise_scale", "noise_offset_type": "loss.noise_offset / loss.multires_noise",
     "multires_noise_iterations": "loss.multires_noise.iterations",
     "multires_noise_discount": "loss.multires_noise.discount", "prior_loss_weight": "loss.prior_loss_weight",
-    "scale_weight_norms": "loss.scale_weight_norms",
+    "scale_weight_norms": "loss.scale_weight_norms", "max_grad_norm": "training.max_grad_norm",
+    "loss_type": "loss.type", "huber_c": "loss.huber_c", "huber_schedule": "loss.huber_schedule",
+    "huber_scale": "loss.huber_scale", "min_timestep": "loss.min_timestep", "max_timestep": "loss.max_timestep",
+    "debiased_estimation_loss": "loss.debiased_estimation", "v_pred_like_loss": "loss.v_pred_like_loss",
+    "ip_noise_gamma": "loss.ip_noise_gamma", "ip_noise_gamma_random_strength": "loss.ip_noise_gamma_random_strength",
+    "zero_terminal_snr": "loss.zero_terminal_snr", "loraplus_lr_ratio": "network.loraplus_lr_ratio",
+    "loraplus_unet_lr_ratio": "network.loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio": "network.loraplus_text_encoder_lr_ratio",
     "caption_extension": "captions.extension", "shuffle_caption": "captions.shuffle",
     "keep_tokens": "captions.keep_tokens", "caption_separator": "captions.separator",
     "caption_dropout_rate": "captions.dropout_rate", "caption_dropout_every_n_epochs": "captions.dropout_every_n_epochs",
@@ -203,9 +210,8 @@ NOT_CARRIED: dict[str, tuple[str, ...]] = {
         "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "sdxl_cache_text_encoder_outputs",
         "text_encoder_batch_size"),
     "not available in lorabake: the run will differ from kohya's here": (
-        "ip_noise_gamma", "ip_noise_gamma_random_strength",
-        "noise_offset_random_strength", "min_timestep", "max_timestep", "debiased_estimation_loss",
-        "scale_v_pred_loss_like_noise_pred", "v_pred_like_loss", "zero_terminal_snr", "masked_loss", "alpha_mask",
+        "noise_offset_random_strength",
+        "scale_v_pred_loss_like_noise_pred", "masked_loss", "alpha_mask",
         "fp8_base", "fp8_base_unet", "face_crop_aug_range", "token_warmup_min", "token_warmup_step",
         "caption_prefix", "caption_suffix", "keep_tokens_separator", "secondary_separator", "enable_wildcard",
         "lr_scheduler_args", "lr_scheduler_type", "lr_decay_steps", "lr_scheduler_min_lr_ratio",
@@ -216,18 +222,13 @@ NOT_CARRIED: dict[str, tuple[str, ...]] = {
         "vae", "perlin_noise", "resize_interpolation", "validation_seed",
         "validation_split", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
         "custom_attributes", "dataset_repeats", "in_json", "metadata_file", "conditioning_data_dir",
-        "loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "train_on_input",
+        "train_on_input",
         "conv_block_dims", "conv_block_alphas", "wd_on_output"),
 }
 NOTHING_LOST = "nothing lost: "  # the prefix of reasons for keys whose omission changes nothing
 # Values that describe what lorabake does anyway.
-LORABAKE_BEHAVIOUR = {"loss_type": "l2", "max_timestep": 1000, "save_model_as": "safetensors"}
+LORABAKE_BEHAVIOUR = {"save_model_as": "safetensors"}
 SPECIFIC_REASONS = {
-    "huber_c": "nothing lost: only used by loss_type huber / smooth_l1",
-    "huber_scale": "nothing lost: only used by loss_type huber / smooth_l1",
-    "huber_schedule": "nothing lost: only used by loss_type huber / smooth_l1",
-    "max_grad_norm": "lorabake does not clip gradients; kohya clipped their norm to this value (0 turns it off)",
-    "loss_type": "lorabake trains with the L2 (mean squared error) loss, kohya's l2; huber and smooth_l1 are not available",
     "additional_parameters": "extra sd-scripts flags passed verbatim: carry them over by hand",
     "epoch": "nothing lost: sd-scripts has no --epoch: kohya_ss writes it for its own step count, which max_train_steps carries",
     "num_repeats": "nothing lost: every subset sets its own num_repeats",

@@ -215,16 +215,24 @@ def create_network(unet, text_encoder, cfg: Network, seed: int, root: Path | Non
 
 def param_groups(network, cfg: Network, unet_lr: float, text_encoder_lr: float) -> list[dict]:
     """Optimizer groups: the UNet (split per block, lr × block_lr_weights, when those are set) and the
-    text encoder, each with its own learning rate; only trainable parameters, no empty groups."""
+    text encoder, each with its own learning rate; with LoRA+, each group's up matrices form a group
+    of their own at lr × the ratio (kohya's `{name} plus`); only trainable parameters, no empty groups."""
     lr_weights = block_values(cfg.block_lr_weights, 1.0)
     unet_groups = defaultdict(list)
     for lora in network.unet_loras:
         block = block_of(lora.lora_name) if cfg.block_lr_weights is not None else None
-        unet_groups[block] += [p for p in lora.parameters() if p.requires_grad]
-    groups = [{"params": unet_groups[None], "lr": unet_lr, "name": "unet"}]
-    groups += [{"params": unet_groups[b], "lr": unet_lr * lr_weights[b], "name": f"unet:{b}"} for b in BLOCKS]
-    text_params = [p for lora in network.text_encoder_loras for p in lora.parameters() if p.requires_grad]
-    groups.append({"params": text_params, "lr": text_encoder_lr, "name": "text_encoder"})
+        unet_groups[block] += [(n, p) for n, p in lora.named_parameters() if p.requires_grad]
+    named = [(unet_groups[None], unet_lr, "unet", "unet")]
+    named += [(unet_groups[b], unet_lr * lr_weights[b], f"unet:{b}", "unet") for b in BLOCKS]
+    text_params = [(n, p) for lora in network.text_encoder_loras for n, p in lora.named_parameters() if p.requires_grad]
+    named.append((text_params, text_encoder_lr, "text_encoder", "text_encoder"))
+    groups = []
+    for params, lr, name, part in named:
+        ratio = cfg.loraplus_ratio(part)
+        up = [p for n, p in params if ratio != 1.0 and n.startswith("lora_up.")]
+        groups.append({"params": [p for n, p in params if not (ratio != 1.0 and n.startswith("lora_up."))],
+                       "lr": lr, "name": name})
+        groups.append({"params": up, "lr": lr * ratio, "name": f"{name} plus"})
     return [group for group in groups if group["params"]]
 
 

@@ -131,6 +131,8 @@ def setup(inputs: RunInputs) -> Session:
     base = bases.load_base(inputs.base_dir, parts=parts)
     check_architecture(inputs.name, run, base.arch)
     configure_models(base, run)
+    if run.loss.zero_terminal_snr:
+        base.noise_scheduler = losses.zero_terminal_snr(base.noise_scheduler)
     # New pivotal tokens first: the network then wraps a text encoder that already knows them.
     embeddings = pivotal.add_tokens(base.tokenizer, base.text_encoder, run.pivotal, run.training.seed) \
         if run.pivotal else None
@@ -258,8 +260,10 @@ def micro_batch_loss(s: Session, batch: list[Entry], epoch: int, step: int,
     texts = [caption_of(entry, run, rng, epoch) for entry in batch]
     # Sample noise (offset / multires as configured) and a timestep per image.
     noise = losses.sample_noise(latents, run.loss, generator)
-    timesteps = torch.randint(0, schedule.config.num_train_timesteps, (len(batch),), generator=generator)
-    latents, noise, timesteps, texts = latents[mine].to(device), noise[mine].to(device), timesteps[mine].to(device), texts[mine]
+    timesteps = losses.sample_timesteps(len(batch), run.loss, schedule.config.num_train_timesteps, generator)
+    noised_with = losses.input_noise(noise, run.loss, generator)
+    latents, noise, noised_with = latents[mine].to(device), noise[mine].to(device), noised_with[mine].to(device)
+    timesteps, texts = timesteps[mine].to(device), texts[mine]
     if not texts:
         return None
     # Encode the captions; the text encoder builds a graph only while something in it trains.
@@ -267,7 +271,7 @@ def micro_batch_loss(s: Session, batch: list[Entry], epoch: int, step: int,
     with torch.set_grad_enabled(grads), s.accelerator.autocast():
         text, extra = conditioning(base, run, texts, sizes[mine].to(device))
     # Noise the latents; predict the noise (or the velocity) and regress on it, weighted per image.
-    noisy_latents = schedule.add_noise(latents, noise, timesteps)
+    noisy_latents = schedule.add_noise(latents, noised_with, timesteps)
     target = noise if s.prediction == "epsilon" else schedule.get_velocity(latents, noise, timesteps)
     with s.accelerator.autocast():
         prediction = base.unet(noisy_latents, timesteps, text, added_cond_kwargs=extra).sample
@@ -330,12 +334,17 @@ def train_step(s: Session, epoch: int, step: int, micro_batches: list[list[Entry
             total += loss.item() / len(micro_batches)
     if s.world > 1:
         all_reduce_gradients(s)
+    grad_norm = None
+    if s.run.training.max_grad_norm:  # accelerate unscales fp16 gradients first
+        grad_norm = float(s.accelerator.clip_grad_norm_(trainable(s), s.run.training.max_grad_norm))
     lrs = optim.effective_lrs(s.optimizer.optimizer)  # before the step: the lr this step used
     s.optimizer.step()
     s.scheduler.step()
     s.optimizer.zero_grad(set_to_none=True)
     record = {"step": step, "epoch": epoch, "loss": global_sum(s, total), "lr": lrs[0],
               "lrs": {g.get("name", str(i)): lr for i, (g, lr) in enumerate(zip(s.optimizer.param_groups, lrs))}}
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm  # before clipping, as kohya logs it
     if s.run.loss.scale_weight_norms is not None:
         scaled, mean_norm, max_norm = losses.scale_weight_norms(s.net, s.run.loss.scale_weight_norms)
         record.update(scaled_modules=scaled, mean_norm=mean_norm, max_norm=max_norm)
@@ -426,7 +435,21 @@ def training_facts(s: Session) -> dict[str, str]:
             "ss_prior_loss_weight": f"{run.loss.prior_loss_weight:g}",
             "ss_scale_weight_norms": str(run.loss.scale_weight_norms), "ss_v_parameterization": str(s.prediction == "v_prediction"),
             "ss_network_dropout": f"{run.network.dropout:g}",
-            "ss_gradient_checkpointing": str(run.training.gradient_checkpointing)}
+            "ss_gradient_checkpointing": str(run.training.gradient_checkpointing),
+            "ss_max_grad_norm": str(run.training.max_grad_norm), **loss_facts(run)}
+
+
+def loss_facts(run: RunConfig) -> dict[str, str]:
+    """The loss options' `ss_*` keys, written as kohya writes them (None as "None")."""
+    loss, net = run.loss, run.network
+    return {"ss_loss_type": loss.type, "ss_huber_schedule": loss.huber_schedule, "ss_huber_c": str(loss.huber_c),
+            "ss_huber_scale": str(loss.huber_scale), "ss_debiased_estimation": str(loss.debiased_estimation),
+            "ss_v_pred_like_loss": str(loss.v_pred_like_loss), "ss_ip_noise_gamma": str(loss.ip_noise_gamma),
+            "ss_ip_noise_gamma_random_strength": str(loss.ip_noise_gamma_random_strength),
+            "ss_zero_terminal_snr": str(loss.zero_terminal_snr), "ss_min_timestep": str(loss.min_timestep),
+            "ss_max_timestep": str(loss.max_timestep), "ss_loraplus_lr_ratio": str(net.loraplus_lr_ratio),
+            "ss_loraplus_unet_lr_ratio": str(net.loraplus_unet_lr_ratio),
+            "ss_loraplus_text_encoder_lr_ratio": str(net.loraplus_text_encoder_lr_ratio)}
 
 
 def prune_checkpoints(root: Path, name: str, keep_last: int) -> None:

@@ -4,9 +4,12 @@
   Guttenberg 2023, https://www.crosslabs.org/blog/diffusion-with-offset-noise) or multi-resolution
   "pyramid" noise (Whitaker 2023, https://wandb.ai/johnowhitaker/multires_noise), as kohya's
   `apply_noise_offset` / `pyramid_noise_like` (library/custom_train_functions.py) add them.
-- Loss: per-image MSE, regularization images weighted by `prior_loss_weight`, then Min-SNR weights
-  (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"), then the batch
-  mean — the order of kohya's train_network.py.
+- Timesteps: uniform in [min_timestep, max_timestep); the schedule optionally rescaled to a zero
+  terminal SNR (Lin et al. 2023, diffusers' `rescale_betas_zero_snr`, as kohya's --zero_terminal_snr).
+- Loss: per element L2, L1 or pseudo-Huber (kohya's `conditional_loss`, with its per-timestep
+  threshold schedules), the per-image mean, regularization images weighted by `prior_loss_weight`,
+  then Min-SNR weights (Hang et al. 2023), the v-prediction-like term and the debiased-estimation
+  weights (kohya's `post_process_loss`), then the batch mean — the order of kohya's train_network.py.
 - Max-norm: after each optimizer step, every module whose weight update ΔW is longer than
   `scale_weight_norms` (Frobenius norm) is scaled back to it, as kohya's `apply_max_norm_regularization`
   (networks/lora.py) does.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -58,6 +62,25 @@ def min_snr_weights(snr: Tensor, gamma: float, prediction: str) -> Tensor:
     return torch.clamp(gamma / snr, max=1.0)
 
 
+def clamped_snr(noise_scheduler, timesteps: Tensor) -> Tensor:
+    """SNR capped at 1000, as kohya's debiased and v-prediction-like terms use it (SNR(0) is huge)."""
+    return torch.clamp(snr(noise_scheduler, timesteps), max=1000.0)
+
+
+def zero_terminal_snr(noise_scheduler):
+    """The same schedule with its betas rescaled so that the last timestep's SNR is zero (diffusers
+    then sets ᾱ_T to 2⁻²⁴ rather than 0, so ε stays defined there)."""
+    return type(noise_scheduler).from_config(noise_scheduler.config, rescale_betas_zero_snr=True)
+
+
+def sample_timesteps(count: int, cfg: Loss, num_train_timesteps: int, generator: torch.Generator) -> Tensor:
+    """One timestep per image, uniform in [min_timestep, max_timestep) (kohya's range semantics)."""
+    high = cfg.max_timestep or num_train_timesteps
+    if high > num_train_timesteps:
+        raise ValueError(f"loss.max_timestep is {high}, but the base's scheduler has {num_train_timesteps} timesteps")
+    return torch.randint(cfg.min_timestep, high, (count,), generator=generator)
+
+
 # ---------------------------------------------------------------- noise
 
 def sample_noise(latents: Tensor, cfg: Loss, generator: torch.Generator) -> Tensor:
@@ -70,6 +93,18 @@ def sample_noise(latents: Tensor, cfg: Loss, generator: torch.Generator) -> Tens
     elif cfg.multires_noise.iterations:  # config refuses both at once, as kohya's elif does
         noise = pyramid_noise(noise, cfg.multires_noise, generator)
     return noise.to(device=latents.device, dtype=latents.dtype)
+
+
+def input_noise(noise: Tensor, cfg: Loss, generator: torch.Generator) -> Tensor:
+    """What the latents are noised with: the noise itself, or with input perturbation (kohya's
+    --ip_noise_gamma) noise + γ·ε′, γ drawn in [0, ip_noise_gamma) with random strength. The target
+    stays `noise`. Drawn after everything else of the step, so runs without it draw as before."""
+    if cfg.ip_noise_gamma is None:
+        return noise
+    gamma = cfg.ip_noise_gamma
+    if cfg.ip_noise_gamma_random_strength:
+        gamma = torch.rand((), generator=generator).item() * gamma
+    return noise + gamma * torch.randn(noise.shape, generator=generator).to(device=noise.device, dtype=noise.dtype)
 
 
 def offset_noise(latents: Tensor, noise_offset: float, adaptive_scale: float | None,
@@ -105,19 +140,60 @@ def pyramid_noise(noise: Tensor, multires: MultiresNoise, generator: torch.Gener
 
 # ---------------------------------------------------------------- the loss
 
+def huber_threshold(cfg: Loss, timesteps: Tensor, noise_scheduler) -> Tensor:
+    """kohya's per-timestep pseudo-Huber threshold: constant c·scale; exponential from scale at t=0 down
+    to c·scale at the last timestep; snr (1 − c)/(1 + σ_t)² + c with σ_t = √((1 − ᾱ_t)/ᾱ_t), which is
+    1 where the image is clean and c where it is all noise."""
+    t = timesteps.float()
+    if cfg.huber_schedule == "constant":
+        return torch.full_like(t, cfg.huber_c * cfg.huber_scale)
+    if cfg.huber_schedule == "exponential":
+        rate = -math.log(cfg.huber_c) / noise_scheduler.config.num_train_timesteps
+        return torch.exp(-rate * t) * cfg.huber_scale
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
+    sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
+    return (1.0 - cfg.huber_c) / (1.0 + sigmas) ** 2 + cfg.huber_c
+
+
+def elementwise_loss(prediction: Tensor, target: Tensor, cfg: Loss, threshold: Tensor | None) -> Tensor:
+    """The loss of every element, in float32: (p − y)², |p − y|, or pseudo-Huber
+    2c(√((p − y)² + c²) − c) — (p − y)² for residuals well below c, 2c|p − y| well above — and smooth_l1,
+    the same divided by c."""
+    prediction, target = prediction.float(), target.float()
+    if cfg.type == "l2":
+        return F.mse_loss(prediction, target, reduction="none")
+    if cfg.type == "l1":
+        return F.l1_loss(prediction, target, reduction="none")
+    c = threshold.view(-1, *([1] * (prediction.dim() - 1)))
+    pseudo = torch.sqrt((prediction - target) ** 2 + c**2) - c
+    return 2 * c * pseudo if cfg.type == "huber" else 2 * pseudo
+
+
+def _plain_mse(cfg: Loss) -> bool:
+    return (cfg.type == "l2" and cfg.prior_loss_weight == 1.0 and cfg.min_snr_gamma is None
+            and cfg.v_pred_like_loss is None and not cfg.debiased_estimation)
+
+
 def training_loss(prediction: Tensor, target: Tensor, timesteps: Tensor, is_reg: Tensor, cfg: Loss,
                   noise_scheduler, prediction_type: str) -> Tensor:
-    """The step's scalar loss: MSE per image in float32, regularization images times
-    prior_loss_weight, times Min-SNR weights when min_snr_gamma is set, then the batch mean."""
-    if cfg.prior_loss_weight == 1.0 and cfg.min_snr_gamma is None:
+    """The step's scalar loss: the elementwise loss's mean per image, regularization images times
+    prior_loss_weight, then Min-SNR, v-prediction-like and debiased weights as set, then the batch mean."""
+    if _plain_mse(cfg):
         # Every image weighs the same, and the mean of equal-sized per-image means is the plain mean:
         # computing it directly keeps runs without these options bit-identical to plain MSE.
         return F.mse_loss(prediction.float(), target.float())
-    per_image = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    threshold = huber_threshold(cfg, timesteps, noise_scheduler) if cfg.type in ("huber", "smooth_l1") else None
+    per_image = elementwise_loss(prediction, target, cfg, threshold)
     per_image = per_image.mean(dim=tuple(range(1, per_image.dim())))
     per_image = per_image * torch.where(is_reg.to(per_image.device), cfg.prior_loss_weight, 1.0)
     if cfg.min_snr_gamma is not None:
         per_image = per_image * min_snr_weights(snr(noise_scheduler, timesteps), cfg.min_snr_gamma, prediction_type)
+    if cfg.v_pred_like_loss is not None:
+        ratio = clamped_snr(noise_scheduler, timesteps)
+        per_image = per_image + per_image / (ratio / (ratio + 1.0)) * cfg.v_pred_like_loss
+    if cfg.debiased_estimation:
+        ratio = clamped_snr(noise_scheduler, timesteps)
+        per_image = per_image * (1.0 / (ratio + 1.0) if prediction_type == "v_prediction" else ratio.rsqrt())
     return per_image.mean()
 
 
