@@ -397,6 +397,15 @@ class Augment(Strict):
     random_crop: bool = option(False, "random crop instead of center crop (no latent cache)", "--random_crop")
 
 
+class Validation(Strict):
+    split: float = option(..., "share of each concept folder's images held out: never trained on, scored "
+                          "after epochs", "--validation_split", gt=0.0, lt=1.0)
+    seed: int | None = option(None, "seed of the choice of held-out images (default: training.seed)",
+                              "--validation_seed", least=0, most=MAX_SEED, why=SEED_WHY)
+    every_n_epochs: int = option(1, "score the held-out images after every N-th epoch (and the last)",
+                                 "--validate_every_n_epochs", ge=1)
+
+
 class Save(Strict):
     every_n_epochs: int | None = option(1, "write epochs/{run}-eNNNN.safetensors every N epochs",
                                         "--save_every_n_epochs", ge=1)
@@ -453,6 +462,8 @@ class RunConfig(Strict):
     augment: Augment = option(Augment, "augmentation")
     save: Save = option(Save, "what is saved, when")
     pivotal: Pivotal | None = option(None, "pivotal tuning: textual-inversion tokens trained with the LoRA")
+    validation: Validation | None = option(None, "held-out images and their loss per epoch (val_loss in "
+                                           "train.jsonl and loss.png)")
     resources: Resources = option(Resources, "scheduler resources of this run's train job (not hashed)")
 
     @field_validator("resolution")

@@ -12,7 +12,8 @@ import torch
 
 from lorabake import cli, config, paths, project
 from lorabake.models import bases, network
-from lorabake.train import loop
+from lorabake.train import loop, plan
+from lorabake.workspace import Workspace
 
 from conftest import make_project
 from trainer import Trainer, eval_loss, fixed_batch
@@ -342,8 +343,6 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(trainer):
 
 def test_a_diverging_run_stops_at_the_first_nan_and_keeps_the_last_good_file(trainer, monkeypatch, capsys):
     """kohya trains on through NaN and saves a LoRA of NaN; lorabake stops at the step and says why."""
-    from lorabake.train import loop
-
     healthy = loop.micro_batch_loss
 
     def diverges_at_step_3(s, batch, epoch, step, rng, generator):
@@ -412,8 +411,9 @@ def test_loraplus_trains_the_up_matrices_faster(trainer):
 def test_kohyas_loss_options_train_and_land_in_the_metadata(trainer):
     """The issue's combination: huber, clipping at 1, min_timestep 100, LoRA+ 4."""
     options = {"loss": {"type": "huber", "min_timestep": 100}, "training": {"max_steps": 4, "max_grad_norm": 1.0},
-               "network": {"loraplus_lr_ratio": 4}}
+               "network": {"loraplus_lr_ratio": 4}, "validation": {"split": 0.2}}
     result = trainer.train("kohya-options", options)
+    assert math.isfinite(result.records[-1]["val_loss"]) and result.metadata()["ss_validation_split"] == "0.2"
     meta = result.metadata()
     assert (meta["ss_loss_type"], meta["ss_huber_c"], meta["ss_huber_schedule"]) == ("huber", "0.1", "snr")
     assert (meta["ss_max_grad_norm"], meta["ss_min_timestep"], meta["ss_max_timestep"]) == ("1.0", "100", "None")
@@ -423,3 +423,27 @@ def test_kohyas_loss_options_train_and_land_in_the_metadata(trainer):
                  {"zero_terminal_snr": True, "prediction": "v_prediction"}, {"v_pred_like_loss": 0.1}, {"type": "l1"}):
         other = trainer.train("kohya-" + "-".join(loss).replace("_", "-"), {"training": {"max_steps": 2}, "loss": loss})
         assert all(math.isfinite(r["loss"]) for r in other.records), loss
+
+
+def test_validation_images_are_never_trained_on_and_scored_every_epoch(trainer, monkeypatch):
+    seen = []
+    original = loop.micro_batch_loss
+
+    def watched(s, batch, *args, **kwargs):
+        seen.extend(entry.item.rel for entry in batch)
+        return original(s, batch, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "micro_batch_loss", watched)
+    overrides = {"training": {"epochs": 3, "batch_size": 2}, "validation": {"split": 0.3, "seed": 5}}
+    result = trainer.train("validated", overrides, quick=False)
+    ws = Workspace.load(trainer.project / "configs/config.yaml")
+    held_out = {entry.item.rel for entry in plan.validation_entries(ws.run("validated"), ws.run_datasets("validated"))}
+    everything = {item.rel for item in ws.run_datasets("validated")["demo"].train_items}
+    assert held_out and held_out < everything and not held_out & set(seen)  # never in a training batch
+    assert set(seen) == everything - held_out
+    per_epoch = {r["epoch"]: r["val_loss"] for r in result.records if "val_loss" in r}
+    assert sorted(per_epoch) == [1, 2, 3] and len(set(per_epoch.values())) == 3  # training moves it
+    run, datasets = ws.run("validated"), ws.run_datasets("validated")
+    trained = plan.epoch_entries(run, datasets)
+    assert len(seen) == 3 * len(trained) < 3 * len(plan.epoch_entries(run.model_copy(update={"validation": None}), datasets))
+    assert len(result.records) == 3 * ws.plan("validated").steps_per_epoch  # the plan counts trained images only

@@ -371,13 +371,14 @@ def caption_digest(dataset: Dataset) -> str:
 # --------------------------------------------------------------------------------------------
 # epochs and steps
 
-def epoch_items(dataset: Dataset) -> list[ImageItem]:
+def epoch_items(dataset: Dataset, held_out: frozenset[str] = frozenset()) -> list[ImageItem]:
     """Kohya's entries for one epoch, in sorted order (shuffling happens elsewhere).
 
-    Each training image appears `repeats` times. Regularization entries (each reg image repeated by
-    its folder's repeats, then cycled) are added until they match the training entries in number,
-    which is why kohya reports that reg images double the steps."""
-    train = [item for item in dataset.train_items for _ in range(item.repeats)]
+    Each training image appears `repeats` times (but those in `held_out`, validation images by
+    their `rel`, never). Regularization entries (each reg image repeated by its folder's repeats,
+    then cycled) are added until they match the training entries in number, which is why kohya
+    reports that reg images double the steps."""
+    train = [item for item in dataset.train_items if item.rel not in held_out for _ in range(item.repeats)]
     reg_pool = [item for item in dataset.reg_items for _ in range(item.repeats)]
     if not reg_pool:
         return train

@@ -110,6 +110,23 @@ def _map_simple(imp: _Importer) -> None:
         else:
             imp.skip(entry, "nothing lost: off in kohya")
     _map_seed(imp)
+    _map_validation(imp)
+
+
+def _map_validation(imp: _Importer) -> None:
+    """validation_split (0: none) with validation_seed and validate_every_n_epochs → validation.*;
+    lorabake scores after epochs, so kohya's step-based cadence is reported, not carried."""
+    split, seed, every = (imp.take(key) for key in ("validation_split", "validation_seed", "validate_every_n_epochs"))
+    if split is None or not _number(split):
+        for entry in (split, seed, every):
+            if entry is not None:
+                imp.skip(entry, "nothing lost: no validation_split, so no validation")
+        return
+    imp.set(split, "validation.split", _number(split))
+    if seed is not None:
+        imp.set(seed, "validation.seed", _integer(seed))
+    if every is not None:
+        imp.set(every, "validation.every_n_epochs", _integer(every))
 
 
 def _map_seed(imp: _Importer) -> None:

@@ -26,6 +26,7 @@ PNG_METADATA = {"Software": None}  # drop the matplotlib version string so bytes
 BAR_COLOR = "#4C72B0"
 LOSS_COLOR = "#4C72B0"
 EPOCH_COLOR = "#DD8452"
+VAL_COLOR = "#C44E52"
 LR_COLOR = "#55A868"
 
 
@@ -108,6 +109,10 @@ def loss_plot(records: list[dict], path: str | os.PathLike, title: str) -> None:
     ax.plot(mean_x, mean_y, color=EPOCH_COLOR, linewidth=1.6, marker="o", markersize=4, label="epoch mean loss")
     for _, first, _, _ in spans[1:]:
         ax.axvline(first - 0.5, color="grey", linewidth=0.8, alpha=0.35, linestyle="--")
+    validated = [r for r in records if r.get("val_loss") is not None]
+    if validated:  # held-out images, fixed noise and timesteps: the curve to watch for overfitting
+        ax.plot([r["step"] for r in validated], [r["val_loss"] for r in validated], color=VAL_COLOR, linewidth=1.6,
+                marker="s", markersize=5, label="validation loss (held-out images)")
 
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers

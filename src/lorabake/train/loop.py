@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -29,7 +30,8 @@ from lorabake.progress import progress as progress_bar
 from lorabake.render import plots
 from lorabake.train import captions, losses, optim, pivotal, state
 from lorabake.train.data import CachedLatents, PixelLatents
-from lorabake.train.plan import Entry, TrainingPlan, batches, epoch_entries, plan_training, saved_epochs
+from lorabake.train.plan import (Entry, TrainingPlan, batches, epoch_entries, plan_training, saved_epochs,
+                                 validation_entries)
 
 
 @dataclass
@@ -86,6 +88,10 @@ def train(inputs: RunInputs) -> list[dict]:
     s = setup(inputs)
     start = resume(s)
     entries = epoch_entries(s.run, inputs.datasets)
+    held_out = validation_entries(s.run, inputs.datasets)
+    if s.run.validation is not None and not held_out:
+        print(f"warning: train {inputs.name}: validation.split {s.run.validation.split:g} holds out no image "
+              "(each concept folder keeps at least one, and rounds its share): no val_loss", file=sys.stderr)
     progress = progress_bar(s.plan.total_steps, f"train {inputs.name}", unit="step", initial=start,
                             disable=not s.is_main)
     for epoch, step, micro_batches in step_schedule(s.run, entries, s.plan):
@@ -96,6 +102,8 @@ def train(inputs: RunInputs) -> list[dict]:
         if not math.isfinite(record["loss"]):
             progress.close()
             stop_diverged(s, epoch, step, record)
+        if held_out and validation_due(s, epoch, step):
+            record["val_loss"] = validation_loss(s, held_out)
         progress.set_postfix(epoch=epoch, loss=f"{record['loss']:.4f}")
         progress.update()
         if s.is_main:  # every process holds the same weights; one writes them
@@ -194,7 +202,7 @@ def param_groups(net, embeddings, run: RunConfig) -> list[dict]:
 
 # ---------------------------------------------------------------- what each step sees
 
-def step_rngs(seed: int, step: int) -> tuple[random.Random, torch.Generator]:
+def step_rngs(seed: int, step: int | str) -> tuple[random.Random, torch.Generator]:
     """The step's own random streams: Python's for data choices, a torch generator for noise and
     timesteps; torch's global seed is set too, for dropout inside the network."""
     key = int.from_bytes(hashlib.sha256(f"{seed}:step:{step}".encode()).digest()[:8], "big") >> 1
@@ -278,6 +286,52 @@ def micro_batch_loss(s: Session, batch: list[Entry], epoch: int, step: int,
     is_reg = torch.tensor([entry.item.is_reg for entry in batch[mine]], device=device)
     loss = losses.training_loss(prediction, target, timesteps, is_reg, run.loss, schedule, s.prediction)
     return loss if s.world == 1 else loss * (len(texts) / len(batch))
+
+
+# kohya's fixed validation timesteps (train_network.py): the held-out loss is measured at each
+VALIDATION_TIMESTEPS = (10, 350, 500, 650, 990)
+
+
+def validation_due(s: Session, epoch: int, step: int) -> bool:
+    """After every validation.every_n_epochs-th epoch's last step, and after the run's last step."""
+    last = step == s.plan.total_steps
+    return last or (step % s.plan.steps_per_epoch == 0 and epoch % s.run.validation.every_n_epochs == 0)
+
+
+def validation_loss(s: Session, held_out: list[Entry]) -> float:
+    """The mean loss of the held-out images at kohya's fixed timesteps (those inside the run's
+    timestep range), each with its own fixed noise, the same every epoch, so the numbers compare
+    across epochs; the network in eval mode (no dropout), no gradient, captions as written."""
+    run, base, device = s.run, s.base, s.accelerator.device
+    schedule, cfg = base.noise_scheduler, run.loss
+    high = cfg.max_timestep or schedule.config.num_train_timesteps
+    timesteps = [t for t in VALIDATION_TIMESTEPS if cfg.min_timestep <= t < high] or [(cfg.min_timestep + high) // 2]
+    seed = run.training.seed if run.validation.seed is None else run.validation.seed
+    total = []
+    s.net.eval()
+    try:
+        with torch.no_grad():
+            for entry in held_out:
+                rng, _ = step_rngs(seed, f"validation:{entry.dataset}:{entry.item.rel}")
+                latents, sizes = s.latents_of([entry], rng)
+                latents = latents.to(device)
+                caption = pivotal.substitute(entry.item.caption, run.pivotal) if run.pivotal else entry.item.caption
+                with s.accelerator.autocast():
+                    text, extra = conditioning(base, run, [caption], sizes.to(device))
+                for t in timesteps:
+                    _, generator = step_rngs(seed, f"validation:{entry.dataset}:{entry.item.rel}:{t}")
+                    noise = torch.randn(latents.shape, generator=generator).to(latents)
+                    t_batch = torch.tensor([t], device=device)
+                    target = noise if s.prediction == "epsilon" else schedule.get_velocity(latents, noise, t_batch)
+                    with s.accelerator.autocast():
+                        prediction = base.unet(schedule.add_noise(latents, noise, t_batch), t_batch, text,
+                                               added_cond_kwargs=extra).sample
+                    not_reg = torch.zeros(1, dtype=torch.bool, device=device)
+                    total.append(losses.training_loss(prediction, target, t_batch, not_reg, cfg, schedule,
+                                                      s.prediction).item())
+    finally:
+        s.net.train()
+    return sum(total) / len(total)
 
 
 def conditioning(base: bases.Base, run: RunConfig, texts: list[str], sizes: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
@@ -436,7 +490,9 @@ def training_facts(s: Session) -> dict[str, str]:
             "ss_scale_weight_norms": str(run.loss.scale_weight_norms), "ss_v_parameterization": str(s.prediction == "v_prediction"),
             "ss_network_dropout": f"{run.network.dropout:g}",
             "ss_gradient_checkpointing": str(run.training.gradient_checkpointing),
-            "ss_max_grad_norm": str(run.training.max_grad_norm), **loss_facts(run)}
+            "ss_max_grad_norm": str(run.training.max_grad_norm), **loss_facts(run),
+            "ss_validation_split": str(run.validation.split if run.validation else 0.0),
+            "ss_validation_seed": str(run.validation.seed if run.validation else None)}
 
 
 def loss_facts(run: RunConfig) -> dict[str, str]:
@@ -535,8 +591,10 @@ def write_logs(name: str, records: list[dict], plan: TrainingPlan, root: Path = 
     plots.loss_plot(plotted, root / paths.loss_plot(name), title=f"{name}: {plan.total_steps} steps, {plan.epochs} epochs")
     first = [r["loss"] for r in records if r["epoch"] == 1]
     last = [r["loss"] for r in records if r["epoch"] == plan.epochs]
+    validated = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+    held_out = f", validation loss {validated[0]:.4f} → {validated[-1]:.4f}" if validated else ""
     print(f"train {name}: {len(records)} steps, mean loss epoch 1 = {sum(first) / len(first):.4f}, "
-          f"epoch {plan.epochs} = {sum(last) / len(last):.4f}")
+          f"epoch {plan.epochs} = {sum(last) / len(last):.4f}{held_out}")
 
 
 def finite_or_null(value):

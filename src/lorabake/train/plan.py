@@ -32,10 +32,37 @@ class TrainingPlan:
         return (step - 1) // self.steps_per_epoch + 1
 
 
+def held_out(run: RunConfig, dataset: Dataset) -> list[ImageItem]:
+    """The validation images of one dataset: in every concept folder (regularization ones aside), the
+    last round(n × split) of its images shuffled by the validation seed, kohya's validation_split
+    choice; at least one image of each folder stays in training."""
+    if run.validation is None:
+        return []
+    seed = run.training.seed if run.validation.seed is None else run.validation.seed
+    chosen = []
+    for folder in sorted({item.folder for item in dataset.train_items}):
+        items = sorted((item for item in dataset.train_items if item.folder == folder), key=lambda item: item.rel)
+        random.Random(seed).shuffle(items)
+        count = min(round(len(items) * run.validation.split), len(items) - 1)
+        chosen += items[len(items) - count:] if count else []
+    return chosen
+
+
+def trained_items(run: RunConfig, dataset: Dataset) -> list[ImageItem]:
+    """One epoch's entries of a dataset for this run: its validation images left out."""
+    return epoch_items(dataset, frozenset(item.rel for item in held_out(run, dataset)))
+
+
 def epoch_entries(run: RunConfig, datasets: dict[str, Dataset]) -> list[Entry]:
     spec = run.bucket_spec()
     return [Entry(name, item, buckets.place(item.width, item.height, spec).bucket)
-            for name in run.datasets for item in epoch_items(datasets[name])]
+            for name in run.datasets for item in trained_items(run, datasets[name])]
+
+
+def validation_entries(run: RunConfig, datasets: dict[str, Dataset]) -> list[Entry]:
+    spec = run.bucket_spec()
+    return [Entry(name, item, buckets.place(item.width, item.height, spec).bucket)
+            for name in run.datasets for item in held_out(run, datasets[name])]
 
 
 def batches(entries: list[Entry], batch_size: int, rng: random.Random) -> list[list[Entry]]:
@@ -56,7 +83,7 @@ def plan_training(run: RunConfig, datasets: dict[str, Dataset]) -> TrainingPlan:
     """kohya's arithmetic: images × repeats (reg entries doubling it) → bucket batches → optimizer
     steps of grad_accum batches each, × epochs, cut at max_steps."""
     spec = run.bucket_spec()  # counted per image size: a farm's 20,000 images have few sizes
-    sizes = Counter((item.width, item.height) for name in run.datasets for item in epoch_items(datasets[name]))
+    sizes = Counter((item.width, item.height) for name in run.datasets for item in trained_items(run, datasets[name]))
     counts = Counter()
     for (width, height), n in sizes.items():
         counts[buckets.place(width, height, spec).bucket] += n
