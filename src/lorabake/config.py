@@ -130,8 +130,27 @@ class BaseSpec(Strict):
         return self
 
 
+class FolderSettings(Strict):
+    """One concept folder's own settings (kohya's dataset subsets)."""
+
+    num_repeats: int | None = option(None, "repeats of this folder's images (default: the number in its name)",
+                                     "[[datasets.subsets]] num_repeats", ge=1, most=10_000,
+                                     why="real datasets use at most a few hundred repeats; use more epochs instead")
+    keep_tokens: int | None = option(None, "this folder's captions.keep_tokens", "[[datasets.subsets]] keep_tokens",
+                                     ge=0)
+    shuffle: bool | None = option(None, "this folder's captions.shuffle", "[[datasets.subsets]] shuffle_caption")
+    caption_prefix: str = option("", "text put before every caption of the folder (a space between)",
+                                 "[[datasets.subsets]] caption_prefix")
+    caption_suffix: str = option("", "text put after every caption of the folder (a space between)",
+                                 "[[datasets.subsets]] caption_suffix")
+    loss_weight: float = option(1.0, "multiplies the loss of this folder's images", "[[datasets.subsets]] loss_weight",
+                                ge=0.0)
+
+
 class DatasetSpec(Strict):
     path: str = Field(description="dataset folder, relative to the project root")
+    folders: dict[str, FolderSettings] = option(dict, "settings of single folders, by the folder's name as on "
+                                                "disk (`10_lbk_star`, `reg/1_shape`)")
 
 
 # ---------------------------------------------------------------- one training run
@@ -397,6 +416,14 @@ class Augment(Strict):
     random_crop: bool = option(False, "random crop instead of center crop (no latent cache)", "--random_crop")
 
 
+class EMA(Strict):
+    decay: float = option(0.999, "weight of the average per update: ema = decay × ema + (1 − decay) × weights",
+                          "OneTrainer ema_decay", gt=0.0, lt=1.0)
+    every_n_steps: int = option(1, "update the average every N optimizer steps", "OneTrainer ema_update_step_interval",
+                                ge=1)
+    start: int = option(0, "optimizer steps before the average starts; until then it copies the weights", ge=0)
+
+
 class Validation(Strict):
     split: float = option(..., "share of each concept folder's images held out: never trained on, scored "
                           "after epochs", "--validation_split", gt=0.0, lt=1.0)
@@ -462,6 +489,8 @@ class RunConfig(Strict):
     augment: Augment = option(Augment, "augmentation")
     save: Save = option(Save, "what is saved, when")
     pivotal: Pivotal | None = option(None, "pivotal tuning: textual-inversion tokens trained with the LoRA")
+    ema: EMA | None = option(None, "an exponential moving average of the network, saved beside every "
+                             "checkpoint as …-ema.safetensors")
     validation: Validation | None = option(None, "held-out images and their loss per epoch (val_loss in "
                                            "train.jsonl and loss.png)")
     resources: Resources = option(Resources, "scheduler resources of this run's train job (not hashed)")

@@ -90,6 +90,11 @@ def epochs_dir(run: str) -> str:
     return f"{run_dir(run)}/epochs"
 
 
+def ema_lora(lora: str) -> str:
+    """The EMA copy saved beside a checkpoint: `x.safetensors` → `x-ema.safetensors`."""
+    return lora.removesuffix(".safetensors") + "-ema.safetensors"
+
+
 def epoch_lora(run: str, epoch: int) -> str:
     return f"{epochs_dir(run)}/{run}-e{epoch:04d}.safetensors"
 

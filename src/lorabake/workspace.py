@@ -13,7 +13,7 @@ from lorabake import paths, store
 from lorabake.checks import check_project
 from lorabake.config import MAX_STEPS, STEPS_WHY, ConfigError, RunConfig
 from lorabake.data.buckets import BucketSpec
-from lorabake.data.dataset import Dataset, caption_digest, scan_dataset
+from lorabake.data.dataset import Dataset, caption_digest, scan_dataset, with_folder_settings
 from lorabake.data.scan_cache import image_sha256
 from lorabake.project import Project, load_project
 from lorabake.train.plan import TrainingPlan, kept_epochs, plan_training
@@ -49,8 +49,10 @@ class Workspace:
     def dataset(self, name: str, caption_extension: str = ".txt") -> Dataset:
         key = f"{name}{caption_extension}"
         if key not in self._datasets:
-            self._datasets[key] = scan_dataset(self.project.dataset_root(name), name, caption_extension,
-                                                 cache_file=self.project.root / paths.scan_cache(name))
+            scanned = scan_dataset(self.project.dataset_root(name), name, caption_extension,
+                                   cache_file=self.project.root / paths.scan_cache(name))
+            self._datasets[key] = with_folder_settings(scanned, self.project.file.datasets[name].folders,
+                                                       f"{self.project.config_file}: datasets.{name}")
         return self._datasets[key]
 
     def run_datasets(self, run: str) -> dict[str, Dataset]:
@@ -127,7 +129,8 @@ class Workspace:
     def train_params(self, run: str) -> dict:
         """Everything besides input files that decides a run's bytes: rebuild when it changes."""
         resolved = self.run(run).identity()
-        return {"config": store.digest(resolved), "captions": self.caption_digests(run),
+        folders = {ds: self.project.file.datasets[ds].model_dump(mode="json")["folders"] for ds in self.run(run).datasets}
+        return {"config": store.digest(resolved), "captions": self.caption_digests(run), "folders": folders,
                 "images": {} if self.run(run).caches_latents else {ds: self.image_digest(ds) for ds in self.run(run).datasets},
                 "trainer_version": TRAINER_VERSION * 1000 + self.project.file.trainer_version}
 

@@ -268,3 +268,26 @@ def test_a_caption_of_another_extension_is_reported_not_fatal(tmp_path):
     assert captions == {"3_cat/a.png": "cat, from the txt", "3_cat/b.png": "cat"}  # b: the folder's concept
     assert dataset.other_captions == ("3_cat/a.caption", "3_cat/b.caption")
     assert scan_dataset(tmp_path, "cats", ".caption").other_captions == ("3_cat/a.txt",)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-folder settings (kohya's subsets)
+
+def test_folder_settings_apply_to_their_folder_only(kohya: Path) -> None:
+    from lorabake.config import FolderSettings
+    from lorabake.data.dataset import with_folder_settings
+
+    scanned = scan_dataset(kohya, "t")
+    folders = {"10_cat": FolderSettings(num_repeats=3, caption_prefix="lbk_style,", caption_suffix=", photo",
+                                        keep_tokens=2, shuffle=True, loss_weight=0.5)}
+    dataset = with_folder_settings(scanned, folders, "config.yaml: datasets.t")
+    cats = [item for item in dataset.items if item.folder == "10_cat"]
+    dog = next(item for item in dataset.items if item.folder == "2_big_dog")
+    assert [item.caption for item in cats] == ["lbk_style, cat, sitting , photo", "lbk_style, cat , photo"]
+    assert {(i.repeats, i.keep_tokens, i.shuffle, i.loss_weight) for i in cats} == {(3, 2, True, 0.5)}
+    assert dog == next(item for item in scanned.items if item.folder == "2_big_dog")  # untouched
+    assert Counter(item.folder for item in epoch_items(dataset))["10_cat"] == 6  # 2 images × 3 repeats, not × 10
+    assert caption_digest(dataset) != caption_digest(scanned)  # a prefix edit retrains
+    with pytest.raises(DatasetError, match=r"config.yaml: datasets.t.folders: no folder 5_cat in .* \(its folders: "
+                                           r"10_cat, 2_big_dog, reg/1_animal\)"):
+        with_folder_settings(scanned, {"5_cat": FolderSettings(num_repeats=1)}, "config.yaml: datasets.t")

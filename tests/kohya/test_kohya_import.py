@@ -118,7 +118,9 @@ def test_sd_scripts_loha_with_a_dataset_toml(loha):
     assert "disagree" in why["datasets[0].subsets[0].flip_aug"] and run.augment.flip is False
     assert why["network_args.preset"].startswith("approximate")
     assert why["my_experimental_flag"].startswith("no lorabake equivalent")
-    assert not why["datasets[0].subsets[1].caption_prefix"].startswith(NOTHING_LOST)
+    # a subset's caption_prefix lands on its own folder (datasets.<ds>.folders)
+    assert loha.datasets["lbk-dog-loha"]["folders"] == {"reg/1_dog": {"caption_prefix": "photo of"}}
+    assert "datasets[0].subsets[1].caption_prefix" not in why
     assert run.loss.zero_terminal_snr and run.training.max_grad_norm == 1.0
 
 
@@ -323,3 +325,19 @@ def test_migration_doc_table_matches_the_importer():
     for kohya_key, lorabake_key in documented.items():
         assert lorabake_key_for(kohya_key) == lorabake_key, kohya_key
     assert set(LORABAKE_KEYS) <= set(documented)
+
+
+def test_subsets_that_disagree_keep_their_settings_per_folder(tmp_path):
+    config, dataset = tmp_path / "run.toml", tmp_path / "dataset.toml"
+    config.write_text('pretrained_model_name_or_path = "/models/sd15.safetensors"\nnetwork_module = "networks.lora"\n'
+                      'max_train_steps = 100\n')
+    dataset.write_text('[general]\nkeep_tokens = 1\n[[datasets]]\nresolution = 512\n'
+                       '  [[datasets.subsets]]\n  image_dir = "/data/5_cat"\n  num_repeats = 5\n  keep_tokens = 2\n'
+                       '  caption_suffix = "masterpiece"\n'
+                       '  [[datasets.subsets]]\n  image_dir = "/data/2_dog"\n  num_repeats = 2\n')
+    result = import_kohya(config, dataset)
+    folders = result.datasets[result.run["datasets"][0]]["folders"]
+    assert folders == {"5_cat": {"caption_suffix": "masterpiece", "keep_tokens": 2}, "2_dog": {"keep_tokens": 1}}
+    assert "keep_tokens" not in result.run.get("captions", {})  # no single run-wide value to pick
+    from lorabake.config import DatasetSpec
+    DatasetSpec.model_validate({"path": "datasets/x", "folders": folders})  # what config.yaml accepts

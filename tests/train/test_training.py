@@ -182,14 +182,22 @@ def test_init_weights_continue_from_a_file(trainer):
 
 # ---------------------------------------------------------------- saving and resuming
 
-def test_resume_reproduces_the_uninterrupted_file(trainer, monkeypatch):
+@pytest.mark.parametrize("ema", [False, True])
+def test_resume_reproduces_the_uninterrupted_file(trainer, monkeypatch, ema):
+    """Killed at step 5, resumed from step 4's state: the same bytes (and with `ema`, the same moving
+    average: it is part of the state)."""
+    name = "resume-ema" if ema else "resume"
     settings = {"training": {"max_steps": 6}, "save": {"every_n_steps": 2, "state": True}}
-    whole = trainer.train("resume", settings)
-    expected, expected_records = whole.lora.read_bytes(), whole.records
-    steps_dir = Path(paths.run_lora("resume")).parent / "steps"
+    if ema:
+        settings["ema"] = {"decay": 0.9}
+    whole = trainer.train(name, settings)
+    final = [Path(paths.run_lora(name))] + ([Path(paths.ema_lora(paths.run_lora(name)))] if ema else [])
+    expected, expected_records = [f.read_bytes() for f in final], whole.records
+    steps_dir = Path(paths.run_lora(name)).parent / "steps"
     expected_steps = {p.name: p.read_bytes() for p in steps_dir.iterdir()}
-    assert sorted(expected_steps) == ["resume-s000002.safetensors", "resume-s000004.safetensors"]
-    shutil.rmtree(paths.run_dir("resume"))
+    suffixes = ["", "-ema"] if ema else [""]
+    assert sorted(expected_steps) == sorted(f"{name}-s{k:06d}{x}.safetensors" for k in (2, 4) for x in suffixes)
+    shutil.rmtree(paths.run_dir(name))
 
     original = loop.train_step
     def killed_at_step_5(s, epoch, step, batches):
@@ -198,14 +206,14 @@ def test_resume_reproduces_the_uninterrupted_file(trainer, monkeypatch):
         return original(s, epoch, step, batches)
     monkeypatch.setattr(loop, "train_step", killed_at_step_5)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train("resume", settings)
-    assert not os.path.exists(paths.run_lora("resume"))
-    assert sorted(p.name for p in Path(paths.state_root("resume")).glob("step-*")) == ["step-000002", "step-000004"]
+        trainer.train(name, settings)
+    assert not os.path.exists(paths.run_lora(name))
+    assert sorted(p.name for p in Path(paths.state_root(name)).glob("step-*")) == ["step-000002", "step-000004"]
     monkeypatch.setattr(loop, "train_step", original)
     shutil.rmtree(steps_dir)  # what Snakemake does to a failed job's outputs before it runs it again
 
-    resumed = trainer.train("resume", settings)
-    assert resumed.lora.read_bytes() == expected
+    resumed = trainer.train(name, settings)
+    assert [f.read_bytes() for f in final] == expected
     assert resumed.records == expected_records  # steps 1…6, each once, with the same losses
     assert {p.name: p.read_bytes() for p in steps_dir.iterdir()} == expected_steps  # restored, byte for byte
 
@@ -434,7 +442,7 @@ def test_validation_images_are_never_trained_on_and_scored_every_epoch(trainer, 
         return original(s, batch, *args, **kwargs)
 
     monkeypatch.setattr(loop, "micro_batch_loss", watched)
-    overrides = {"training": {"epochs": 3, "batch_size": 2}, "validation": {"split": 0.3, "seed": 5}}
+    overrides = {"training": {"epochs": 3, "batch_size": 6}, "validation": {"split": 0.3, "seed": 5}}
     result = trainer.train("validated", overrides, quick=False)
     ws = Workspace.load(trainer.project / "configs/config.yaml")
     held_out = {entry.item.rel for entry in plan.validation_entries(ws.run("validated"), ws.run_datasets("validated"))}
@@ -447,3 +455,47 @@ def test_validation_images_are_never_trained_on_and_scored_every_epoch(trainer, 
     trained = plan.epoch_entries(run, datasets)
     assert len(seen) == 3 * len(trained) < 3 * len(plan.epoch_entries(run.model_copy(update={"validation": None}), datasets))
     assert len(result.records) == 3 * ws.plan("validated").steps_per_epoch  # the plan counts trained images only
+
+
+def test_ema_weights_are_the_decayed_average(trainer):
+    """ema.start 1: the average copies step 1's weights, then e_k = d·e_(k−1) + (1 − d)·w_k; the saved
+    step files are w_1, w_2, the final file w_3, so the EMA file must be their decayed average."""
+    result = trainer.train("ema", {"training": {"max_steps": 3, "batch_size": 2},
+                                   "save": {"every_n_steps": 1, "precision": "fp32"},
+                                   "ema": {"decay": 0.6, "every_n_steps": 1, "start": 1}})
+    steps = [result.weights(paths.step_lora("ema", k)) for k in (1, 2)]
+    final, ema = result.weights(), result.weights(paths.ema_lora(paths.run_lora("ema")))
+    assert ema.keys() == final.keys()
+    for key in final:
+        expected = 0.6 * (0.6 * steps[0][key] + 0.4 * steps[1][key]) + 0.4 * final[key]
+        if key.endswith(".alpha"):
+            assert torch.equal(ema[key], final[key])
+        else:
+            assert torch.allclose(ema[key], expected, atol=1e-6), key
+    assert any(not torch.allclose(ema[k], final[k]) for k in final if not k.endswith(".alpha"))
+    for k in (1, 2):  # every checkpoint has its average beside it
+        assert Path(paths.ema_lora(paths.step_lora("ema", k))).is_file()
+    assert json.loads(result.metadata()["ss_max_train_steps"]) == 3
+
+
+def test_folder_settings_reach_training(trainer):
+    """datasets.demo.folders: a loss_weight of 0 on every folder leaves the LoRA untrained, and a
+    folder's num_repeats changes the step count."""
+    import yaml
+
+    config_file = trainer.project / "configs/config.yaml"
+    original = config_file.read_text()
+    config = yaml.safe_load(original)
+    folders = sorted(p.name for p in (trainer.project / "datasets/demo").iterdir() if p.is_dir() and p.name != "reg")
+    config["datasets"]["demo"]["folders"] = {name: {"loss_weight": 0.0, "num_repeats": 1} for name in folders}
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    try:
+        silent = trainer.train("folders-zero", {"training": {"max_steps": 2}, "optimizer": {"type": "adamw"}})
+        assert all(r["loss"] == 0.0 for r in silent.records)
+        ups = [v for k, v in silent.weights().items() if k.endswith("lora_up.weight")]
+        assert ups and all(torch.count_nonzero(v) == 0 for v in ups)  # zero-initialized, never moved
+        ws = Workspace.load(config_file)
+        images = len(ws.run_datasets("folders-zero")["demo"].train_items)
+        assert ws.plan("folders-zero").steps_per_epoch == math.ceil(images / 2)  # 1 repeat each, batch 2
+    finally:
+        config_file.write_text(original)

@@ -22,7 +22,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -64,6 +64,10 @@ class ImageItem:
     width: int
     height: int
     caption_cut: bool = False  # the caption file was longer than CAPTION_CHARS and was cut there
+    # The folder's own settings (datasets.<ds>.folders in config.yaml): None/1.0 = the run's
+    keep_tokens: int | None = None
+    shuffle: bool | None = None
+    loss_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -352,6 +356,28 @@ def _capped(caption: str, path: str) -> tuple[str, bool]:
 
 # --------------------------------------------------------------------------------------------
 # captions
+
+def with_folder_settings(dataset: Dataset, folders: dict, where: str) -> Dataset:
+    """The dataset with each configured folder's settings applied to its images (repeats, caption
+    prefix/suffix, keep_tokens, shuffle, loss weight); a folder the dataset lacks is an error naming `where`."""
+    if not folders:
+        return dataset
+    present = {item.folder for item in dataset.items}
+    missing = sorted(set(folders) - present)
+    if missing:
+        raise DatasetError(f"{where}.folders: no folder {', '.join(missing)} in {dataset.root} "
+                           f"(its folders: {', '.join(sorted(present))})")
+
+    def applied(item: ImageItem) -> ImageItem:
+        own = folders.get(item.folder)
+        if own is None:
+            return item
+        caption = " ".join(part for part in (own.caption_prefix, item.caption, own.caption_suffix) if part)
+        return replace(item, repeats=own.num_repeats or item.repeats, caption=caption, keep_tokens=own.keep_tokens,
+                       shuffle=own.shuffle, loss_weight=own.loss_weight)
+
+    return replace(dataset, items=tuple(applied(item) for item in dataset.items))
+
 
 def split_tags(caption: str) -> list[str]:
     """Comma-separated tags, each stripped with inner whitespace runs collapsed, empties dropped."""

@@ -56,6 +56,7 @@ class _Importer:
         self.bases: dict[str, dict[str, Any]] = {}
         self.datasets: dict[str, dict[str, Any]] = {}
         self.folders: list[FolderPlan] = []
+        self.per_folder: set[str] = {"caption_prefix", "caption_suffix"}  # subset keys kept per folder
         self.samples: dict[str, Any] | None = None
         self.total_steps: int | None = None
         self.name = "imported"

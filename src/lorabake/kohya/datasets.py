@@ -61,6 +61,9 @@ def _map_dataset_setting(imp: _Importer, subsets: list[_Subset], key: str, dotte
         value, approximate = _fit(key, values[0])
         for entry in used.values():
             imp.set(entry, dotted, value, approximate)
+    elif key in FOLDER_SETTINGS and all(s.own.get("image_dir") is not None for s in subsets):
+        imp.per_folder.add(key)  # the subsets disagree: each one's value goes to its folder
+        return
     else:
         shown = ", ".join(distinct)
         for entry in used.values():
@@ -103,6 +106,27 @@ def _concept(image_dir: str) -> str:
     return match.group(1) if match else last
 
 
+# Subset settings lorabake keeps per folder (datasets.<ds>.folders.<folder>.<key>): the prefix and
+# suffix always, keep_tokens and shuffle when the subsets disagree on them (imp.per_folder).
+FOLDER_SETTINGS = {"keep_tokens": ("keep_tokens", _integer), "shuffle_caption": ("shuffle", _boolean)}
+FOLDER_KEYS = {"caption_prefix": ("caption_prefix", _text), "caption_suffix": ("caption_suffix", _text),
+               **FOLDER_SETTINGS}
+
+
+def _map_folder_settings(imp: _Importer, subset: _Subset, plan: FolderPlan) -> None:
+    """The subset's own prefix/suffix (and disputed keep_tokens/shuffle) on its folder; an entry of a
+    shared layer ([general], the dataset's table) goes to every folder that inherits it."""
+    folder = plan.target.removeprefix(f"datasets/{plan.dataset}/")
+    for key in sorted(imp.per_folder):
+        name, convert = FOLDER_KEYS[key]
+        entry = _layered(subset, key)
+        if entry is None:
+            continue
+        value = convert(entry)
+        imp.datasets[plan.dataset].setdefault("folders", {}).setdefault(folder, {})[name] = value
+        imp.record(entry, f"datasets.{plan.dataset}.folders.{folder}.{name}", value)
+
+
 def _plan_subset_folders(imp: _Importer, subsets: list[_Subset], names: list[str]) -> None:
     for subset in subsets:
         image_dir = subset.own.get("image_dir")
@@ -119,6 +143,7 @@ def _plan_subset_folders(imp: _Importer, subsets: list[_Subset], names: list[str
                           bool(is_reg and _boolean(is_reg)))
         imp.folders.append(plan)
         imp.record(image_dir, "folder", plan.target)
+        _map_folder_settings(imp, subset, plan)
         for entry, what in ((repeats, "<repeats> of"), (tokens, "<concept> of")):
             if entry is not None:
                 imp.record(entry, f"{what} {plan.target}", entry.value)

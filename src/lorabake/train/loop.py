@@ -63,6 +63,7 @@ class Session:
     records: list[dict] = field(default_factory=list)
     last_saved: str | None = None        # the newest checkpoint written, relative to the project root
     kept: list[str] = field(default_factory=list)  # epoch/step files a resume must find again
+    ema: dict[str, torch.Tensor] | None = None  # the network's moving average (run.ema), fp32
 
     @property
     def run(self) -> RunConfig:
@@ -157,8 +158,10 @@ def setup(inputs: RunInputs) -> Session:
     net.train()
     latents_of = CachedLatents(inputs.indexes, run.augment.flip, run.bucket_spec()) if run.caches_latents \
         else PixelLatents(base.vae, run)
-    return Session(inputs, plan, base, net, embeddings, optimizer, scheduler, accelerator, latents_of,
-                   losses.prediction_type(run.loss, base.noise_scheduler))
+    session = Session(inputs, plan, base, net, embeddings, optimizer, scheduler, accelerator, latents_of,
+                      losses.prediction_type(run.loss, base.noise_scheduler))
+    session.ema = ema_weights(net) if run.ema is not None else None
+    return session
 
 
 def check_architecture(name: str, run: RunConfig, arch: str) -> None:
@@ -248,7 +251,9 @@ def freeze_finished_phases(s: Session, step: int) -> None:
 
 
 def caption_of(entry: Entry, run: RunConfig, rng: random.Random, epoch: int) -> str:
-    text = captions.process_caption(entry.item.caption, run.captions, rng, epoch)
+    cfg, item = run.captions, entry.item
+    own = {key: value for key, value in (("keep_tokens", item.keep_tokens), ("shuffle", item.shuffle)) if value is not None}
+    text = captions.process_caption(item.caption, cfg.model_copy(update=own) if own else cfg, rng, epoch)
     return pivotal.substitute(text, run.pivotal) if run.pivotal else text
 
 
@@ -284,7 +289,9 @@ def micro_batch_loss(s: Session, batch: list[Entry], epoch: int, step: int,
     with s.accelerator.autocast():
         prediction = base.unet(noisy_latents, timesteps, text, added_cond_kwargs=extra).sample
     is_reg = torch.tensor([entry.item.is_reg for entry in batch[mine]], device=device)
-    loss = losses.training_loss(prediction, target, timesteps, is_reg, run.loss, schedule, s.prediction)
+    weights = [entry.item.loss_weight for entry in batch[mine]]
+    loss = losses.training_loss(prediction, target, timesteps, is_reg, run.loss, schedule, s.prediction,
+                                None if all(w == 1.0 for w in weights) else torch.tensor(weights, device=device))
     return loss if s.world == 1 else loss * (len(texts) / len(batch))
 
 
@@ -402,7 +409,30 @@ def train_step(s: Session, epoch: int, step: int, micro_batches: list[list[Entry
     if s.run.loss.scale_weight_norms is not None:
         scaled, mean_norm, max_norm = losses.scale_weight_norms(s.net, s.run.loss.scale_weight_norms)
         record.update(scaled_modules=scaled, mean_norm=mean_norm, max_norm=max_norm)
+    if s.ema is not None:
+        update_ema(s, step)
     return record
+
+
+def ema_weights(net) -> dict[str, torch.Tensor]:
+    """The network's floating-point weights (what the average covers), as fp32 copies."""
+    return {key: value.detach().float().clone() for key, value in net.state_dict().items() if value.is_floating_point()}
+
+
+def update_ema(s: Session, step: int) -> None:
+    """Every ema.every_n_steps steps: ema ← decay·ema + (1 − decay)·weights; up to ema.start the copy
+    just follows the weights."""
+    cfg = s.run.ema
+    if step % cfg.every_n_steps:
+        return
+    current = s.net.state_dict()
+    with torch.no_grad():
+        for key, average in s.ema.items():
+            weights = current[key].detach().float()
+            if step <= cfg.start:
+                average.copy_(weights)
+            else:
+                average.mul_(cfg.decay).add_(weights, alpha=1.0 - cfg.decay)
 
 
 class Diverged(RuntimeError):
@@ -439,6 +469,8 @@ def save_due(s: Session, epoch: int, step: int) -> None:
         saved.append(save_checkpoint(s, epoch, step, paths.epoch_lora(name, epoch)))
     if save.every_n_steps and step % save.every_n_steps == 0 and step < s.plan.total_steps:
         saved.append(save_checkpoint(s, epoch, step, paths.step_lora(name, step)))
+    if s.ema is not None:
+        saved += [paths.ema_lora(path) for path in saved]
     if saved and save.keep_last:
         prune_checkpoints(s.inputs.root, name, save.keep_last)
     if saved and save.state:
@@ -456,7 +488,26 @@ def save_checkpoint(s: Session, epoch: int, step: int, path: str) -> str:
     weights = network.kohya_state(net, s.base.unet, s.base.te)
     lora_format.save_lora(weights, s.inputs.root / path, run.save.precision, metadata)
     s.last_saved = path
+    if s.ema is not None:
+        save_ema(s, paths.ema_lora(path), metadata)
+    else:
+        (s.inputs.root / paths.ema_lora(path)).unlink(missing_ok=True)  # from an earlier run with ema on
     return path
+
+
+def save_ema(s: Session, path: str, metadata: dict[str, str]) -> None:
+    """The moving average as a LoRA file of its own: loaded into the network for the save, then the
+    trained weights are put back."""
+    trained = {key: value.detach().clone() for key, value in s.net.state_dict().items()}
+    with torch.no_grad():
+        s.net.load_state_dict({**trained, **{k: v.to(trained[k].dtype) for k, v in s.ema.items()}})
+        # copies: a state dict's tensors are the parameters themselves, which the next line restores
+        weights = {key: value.clone() for key, value in network.kohya_state(s.net, s.base.unet, s.base.te).items()}
+        s.net.load_state_dict(trained)
+    cfg = s.run.ema
+    meta = {**metadata, "lorabake_ema": json.dumps({"decay": cfg.decay, "every_n_steps": cfg.every_n_steps,
+                                                    "start": cfg.start})}
+    lora_format.save_lora(weights, s.inputs.root / path, s.run.save.precision, meta)
 
 
 def save_embeddings(s: Session) -> None:
@@ -511,8 +562,10 @@ def loss_facts(run: RunConfig) -> dict[str, str]:
 def prune_checkpoints(root: Path, name: str, keep_last: int) -> None:
     """kohya's save_last_n_epochs: only the newest N epoch files (and N step files) stay."""
     for folder, pattern in (("epochs", f"{name}-e*.safetensors"), ("steps", f"{name}-s*.safetensors")):
-        for old in sorted((root / paths.run_dir(name) / folder).glob(pattern))[:-keep_last]:
+        files = sorted(p for p in (root / paths.run_dir(name) / folder).glob(pattern) if not p.stem.endswith("-ema"))
+        for old in files[:-keep_last]:
             old.unlink()
+            (old.parent / Path(paths.ema_lora(old.name))).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- saved state and resuming
@@ -552,10 +605,15 @@ def _link_or_copy(source: Path, destination: Path) -> None:
 CHECKPOINT_COPIES = "checkpoints"  # under state/: the epoch/step files written so far
 
 
+EMA_PREFIX = "ema."  # the moving average's tensors in a saved state, beside the network's
+
+
 def save_state(s: Session, epoch: int, step: int) -> None:
     weights = dict(s.net.state_dict())
     if s.embeddings is not None:
         weights["pivotal.embeddings"] = s.embeddings.detach()
+    if s.ema is not None:
+        weights |= {f"{EMA_PREFIX}{key}": value for key, value in s.ema.items()}
     root = s.inputs.root / paths.state_root(s.inputs.name)
     state.save_state(root / state.state_dir_name(step), network=weights, optimizer=s.optimizer.optimizer,
                      scheduler=s.scheduler, step=step, epoch=epoch,
@@ -575,6 +633,9 @@ def resume(s: Session) -> int:
     if s.embeddings is not None:
         with torch.no_grad():
             s.embeddings.copy_(weights.pop("pivotal.embeddings"))
+    if s.ema is not None:
+        s.ema = {key.removeprefix(EMA_PREFIX): weights.pop(key).float() for key in list(weights)
+                 if key.startswith(EMA_PREFIX)}
     s.net.load_state_dict(weights)
     s.records = list(saved.extra["records"])
     restore_kept(s, saved.extra.get("checkpoints", []))

@@ -175,10 +175,11 @@ def _plain_mse(cfg: Loss) -> bool:
 
 
 def training_loss(prediction: Tensor, target: Tensor, timesteps: Tensor, is_reg: Tensor, cfg: Loss,
-                  noise_scheduler, prediction_type: str) -> Tensor:
+                  noise_scheduler, prediction_type: str, image_weights: Tensor | None = None) -> Tensor:
     """The step's scalar loss: the elementwise loss's mean per image, regularization images times
-    prior_loss_weight, then Min-SNR, v-prediction-like and debiased weights as set, then the batch mean."""
-    if _plain_mse(cfg):
+    prior_loss_weight and each image times its folder's loss_weight (`image_weights`), then Min-SNR,
+    v-prediction-like and debiased weights as set, then the batch mean."""
+    if _plain_mse(cfg) and image_weights is None:
         # Every image weighs the same, and the mean of equal-sized per-image means is the plain mean:
         # computing it directly keeps runs without these options bit-identical to plain MSE.
         return F.mse_loss(prediction.float(), target.float())
@@ -186,6 +187,8 @@ def training_loss(prediction: Tensor, target: Tensor, timesteps: Tensor, is_reg:
     per_image = elementwise_loss(prediction, target, cfg, threshold)
     per_image = per_image.mean(dim=tuple(range(1, per_image.dim())))
     per_image = per_image * torch.where(is_reg.to(per_image.device), cfg.prior_loss_weight, 1.0)
+    if image_weights is not None:
+        per_image = per_image * image_weights.to(per_image)
     if cfg.min_snr_gamma is not None:
         per_image = per_image * min_snr_weights(snr(noise_scheduler, timesteps), cfg.min_snr_gamma, prediction_type)
     if cfg.v_pred_like_loss is not None:
