@@ -3,6 +3,7 @@ that a plain `pip install lorabake` is enough to start (`cd DIR && snakemake -j1
 from __future__ import annotations
 
 import shutil
+import site
 import sys
 import tempfile
 from pathlib import Path
@@ -13,8 +14,9 @@ TEMPLATE = ("Snakefile", "workflow", "configs", "datasets/demo")
 
 def template_root() -> Path:
     """The source checkout when lorabake runs from one (an editable install), else the copy that the
-    wheel installs under {sys.prefix}/share/lorabake (pyproject's data-files)."""
-    for root in (Path(__file__).resolve().parents[2], Path(sys.prefix) / "share" / "lorabake"):
+    wheel installs under {prefix}/share/lorabake (pyproject's data-files; the user base for --user)."""
+    installed = [Path(prefix) / "share" / "lorabake" for prefix in (sys.prefix, site.getuserbase())]  # pip --user
+    for root in (Path(__file__).resolve().parents[2], *installed):
         if (root / "Snakefile").is_file() and (root / "workflow" / "rules").is_dir():
             return root
     raise FileNotFoundError(f"the lorabake workflow is not installed ({Path(sys.prefix) / 'share' / 'lorabake'} "
