@@ -9,6 +9,7 @@ from pathlib import Path
 from lorabake import paths, store
 from lorabake.config import SCORED_BUILTINS, ConfigError
 from lorabake.data.dataset import DatasetError, image_files, split_tags
+from lorabake.train.plan import validation_entries
 from lorabake.workspace import Workspace
 
 
@@ -18,8 +19,10 @@ def cmd_validate(ws: Workspace, args) -> None:
         ws.dataset(ds)
     for run in ws.project.runs:
         plan = ws.plan(run)
+        held_out = len(validation_entries(ws.run(run), ws.run_datasets(run)))
+        validation = f", {held_out} images held out for validation" if ws.run(run).validation else ""
         print(f"run {run}: datasets {ws.run(run).datasets}, {plan.steps_per_epoch} steps/epoch × "
-              f"{plan.epochs} epochs = {plan.total_steps} steps")
+              f"{plan.epochs} epochs = {plan.total_steps} steps{validation}")
     ws.check_comparisons()
     print(f"ok: {len(ws.project.file.datasets)} datasets, {len(ws.project.runs)} runs")
 

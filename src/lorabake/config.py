@@ -277,6 +277,8 @@ class Optimizer(Strict):
     lr: float = option(1.0e-4, "learning rate (adaptive optimizers: a multiplier, usually 1.0)", "--learning_rate", gt=0)
     unet_lr: float | None = option(None, "UNet learning rate (default: lr)", "--unet_lr", gt=0)
     text_encoder_lr: float | None = option(None, "text encoder learning rate (default: lr)", "--text_encoder_lr", gt=0)
+    text_encoder_2_lr: float | None = option(None, "SDXL's second text encoder's learning rate (default: "
+                                             "text_encoder_lr)", "--text_encoder_lr's second value", gt=0)
     args: dict[str, Any] = option(dict, "keyword arguments of the optimizer (weight_decay, betas, decouple, "
                                   "d_coef, use_bias_correction, safeguard_warmup, relative_step…)", "--optimizer_args")
 
@@ -318,6 +320,9 @@ class Training(Strict):
                                           "--gradient_checkpointing")
     attention: Literal["sdpa", "eager"] = option("sdpa", "attention kernel: torch scaled_dot_product_attention "
                                                  "or the plain matmul", "--sdpa")
+    cache_text_encoder_outputs: bool = option(False, "encode each distinct caption once per run and reuse it "
+                                              "(the text encoders must be frozen: train_text_encoder false, no "
+                                              "pivotal)", "--cache_text_encoder_outputs")
     cache_latents: bool | None = option(None, "encode images once (null: yes unless color/crop augmentation "
                                         "needs the pixels each step)", "--cache_latents")
     processes: int = option(1, "data-parallel processes (GPUs, or CPU processes with gloo); batch_size is per "
@@ -516,7 +521,8 @@ class RunConfig(Strict):
         optimizers.check_schedule(self.scheduler.type, self.scheduler.warmup, self.optimizer.type, self.optimizer.args)
         if self.optimizer.type in ("prodigy", "dadapt_adam", "dadapt_lion"):
             opt, weights = self.optimizer, self.network.block_lr_weights or [1.0]
-            lrs = {opt.unet_lr or opt.lr, opt.text_encoder_lr or opt.lr} | {(opt.unet_lr or opt.lr) * w for w in weights if w}
+            lrs = {opt.unet_lr or opt.lr, opt.text_encoder_lr or opt.lr, opt.text_encoder_2_lr or opt.text_encoder_lr or opt.lr}
+            lrs |= {(opt.unet_lr or opt.lr) * w for w in weights if w}
             if len(lrs) > 1:
                 raise ValueError(f"optimizer.type {opt.type} estimates one step size for all parameters: "
                                  "unet_lr, text_encoder_lr and block_lr_weights must give one learning rate "
@@ -527,6 +533,9 @@ class RunConfig(Strict):
                              f"{'DoRA' if decomposed else self.network.algo} does not add one: turn one of them off")
         if self.training.stop_text_encoder_at is not None and not self.network.train_text_encoder:
             raise ValueError("training.stop_text_encoder_at is set but network.train_text_encoder is false")
+        if self.training.cache_text_encoder_outputs and (self.network.train_text_encoder or self.pivotal):
+            raise ValueError("training.cache_text_encoder_outputs reuses the text encoders' outputs, so they must not "
+                             "train: set network.train_text_encoder: false (and no pivotal), as kohya requires")
         return self
 
     @property
@@ -556,7 +565,8 @@ class RunConfig(Strict):
     def unsupported_on(self, arch: str) -> list[str]:
         """Options that have no meaning (yet) on this architecture: refused, never silently ignored."""
         if arch != "sdxl":
-            return []
+            return [f"optimizer.text_encoder_2_lr is the learning rate of SDXL's second text encoder; a {arch} base "
+                    "has one text encoder (use text_encoder_lr)"] if arch and self.optimizer.text_encoder_2_lr else []
         n, problems = self.network, []
         if any(v is not None for v in (n.block_dims, n.block_alphas, n.block_lr_weights)):
             problems.append("network.block_dims/block_alphas/block_lr_weights use the 25-block SD1/SD2 vocabulary; "

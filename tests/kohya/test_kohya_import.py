@@ -131,13 +131,14 @@ def test_loraplus_and_huber_come_over_from_sd_scripts(tmp_path):
                       'network_args = ["loraplus_lr_ratio=16", "loraplus_text_encoder_lr_ratio=4"]\n'
                       'loss_type = "huber"\nhuber_c = 0.2\nhuber_schedule = "exponential"\nmin_timestep = 100\n'
                       'max_grad_norm = 0.0\ndebiased_estimation_loss = true\nip_noise_gamma = 0.1\n'
-                      'validation_split = 0.1\nvalidation_seed = 3\n')
+                      'validation_split = 0.1\nvalidation_seed = 3\ntext_encoder_lr = [1.0e-5, 2.0e-5]\n')
     result = import_kohya(config)
     run = RunConfig.model_validate(result.run)
     assert (run.network.loraplus_lr_ratio, run.network.loraplus_text_encoder_lr_ratio) == (16.0, 4.0)
     assert (run.loss.type, run.loss.huber_c, run.loss.huber_schedule, run.loss.min_timestep) == ("huber", 0.2, "exponential", 100)
     assert run.training.max_grad_norm == 0.0 and run.loss.debiased_estimation and run.loss.ip_noise_gamma == 0.1
     assert (run.validation.split, run.validation.seed, run.validation.every_n_epochs) == (0.1, 3, 1)
+    assert (run.optimizer.text_encoder_lr, run.optimizer.text_encoder_2_lr) == (1e-5, 2e-5)  # SDXL's two encoders
     assert not [entry for entry in result.unmapped if "loraplus" in entry[0] or "huber" in entry[0] or "valid" in entry[0]]
 
 

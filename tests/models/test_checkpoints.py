@@ -46,6 +46,8 @@ RUNS = {
     "sd1-loha": {"base": "sd1", "network": {"algo": "loha", "dim": 4, "alpha": 2}},
     "sd2v-lora": {"base": "sd2v", "network": {"algo": "lora", "dim": 4, "alpha": 4}},
     "sdxl-lora": {"base": "sdxl", "network": {"algo": "lora", "dim": 16, "alpha": 8}},
+    "sdxl-te2": {"base": "sdxl", "network": {"algo": "lora", "dim": 4, "alpha": 4}, "training": {"max_steps": 2},
+                 "optimizer": {"text_encoder_lr": 1.0e-3, "text_encoder_2_lr": 4.0e-3}},
 }
 MID_ONLY = [0.0] * 12 + [1.0] + [0.0] * 12  # IN00–IN11, MID, OUT00–OUT11
 MERGES = [
@@ -430,3 +432,22 @@ def test_min_diff_above_every_text_encoder_change_extracts_the_unet_only(project
     both = modules_of(load_file(extracted))
     assert any(module.startswith("lora_te_") for module in both)
     assert modules_of(load_file(unet_only)) == {module for module in both if module.startswith("lora_unet_")}
+
+
+def test_sdxl_trains_its_second_text_encoder_at_its_own_rate(project):
+    """kohya's `--text_encoder_lr 1e-3 4e-3` on SDXL: optimizer.text_encoder_lr and text_encoder_2_lr."""
+    weights = load_file(project.lora("sdxl-te2"))
+    lrs = train_log(project, "sdxl-te2")[0]["lrs"]
+    assert (lrs["text_encoder"], lrs["text_encoder_2"]) == (pytest.approx(1e-3), pytest.approx(4e-3))
+    for prefix in ("lora_te1_", "lora_te2_"):  # both encoders' modules trained
+        ups = [v for k, v in weights.items() if k.startswith(prefix) and k.endswith("lora_up.weight")]
+        assert ups and any(torch.count_nonzero(v) for v in ups), prefix
+    assert metadata_of(project.lora("sdxl-te2"))["ss_text_encoder_lr"] == "[0.001, 0.004]"
+    sd1 = yaml.safe_load(yaml.safe_dump({"base": "sd1", "optimizer": {"text_encoder_2_lr": 1e-3}}))
+    (project.root / "configs/runs/sd1-te2.yaml").write_text(yaml.safe_dump(sd1))
+    try:
+        from lorabake.config import ConfigError
+        with pytest.raises(ConfigError, match="text_encoder_2_lr is the learning rate of SDXL's second text encoder"):
+            Workspace.load(project.config_file)
+    finally:
+        (project.root / "configs/runs/sd1-te2.yaml").unlink()

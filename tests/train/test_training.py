@@ -433,7 +433,7 @@ def test_kohyas_loss_options_train_and_land_in_the_metadata(trainer):
         assert all(math.isfinite(r["loss"]) for r in other.records), loss
 
 
-def test_validation_images_are_never_trained_on_and_scored_every_epoch(trainer, monkeypatch):
+def test_validation_images_are_never_trained_on_and_scored_every_epoch(trainer, monkeypatch, capsys):
     seen = []
     original = loop.micro_batch_loss
 
@@ -455,6 +455,9 @@ def test_validation_images_are_never_trained_on_and_scored_every_epoch(trainer, 
     trained = plan.epoch_entries(run, datasets)
     assert len(seen) == 3 * len(trained) < 3 * len(plan.epoch_entries(run.model_copy(update={"validation": None}), datasets))
     assert len(result.records) == 3 * ws.plan("validated").steps_per_epoch  # the plan counts trained images only
+    capsys.readouterr()
+    trainer.cli("validate")
+    assert f"{len(held_out)} images held out for validation" in capsys.readouterr().out
 
 
 def test_ema_weights_are_the_decayed_average(trainer):
@@ -499,3 +502,27 @@ def test_folder_settings_reach_training(trainer):
         assert ws.plan("folders-zero").steps_per_epoch == math.ceil(images / 2)  # 1 repeat each, batch 2
     finally:
         config_file.write_text(original)
+
+
+def test_cached_text_encoder_outputs_train_as_the_encoder_does(trainer, monkeypatch):
+    """Each distinct caption is encoded once, and the run's losses are the uncached run's (within float
+    tolerance: batches of a different size go through the encoder)."""
+    encoded = []
+    original = loop.conditioning
+
+    def counted(base, run, texts, sizes):
+        encoded.extend(texts)
+        return original(base, run, texts, sizes)
+
+    monkeypatch.setattr(loop, "conditioning", counted)
+    settings = {"training": {"max_steps": 6, "batch_size": 2}, "network": {"train_text_encoder": False}}
+    plain = trainer.train("te-plain", settings)
+    every_image = len(encoded)  # every image of every step, encoded again each time
+    encoded.clear()
+    cached = trainer.train("te-cached", project.deep_merge(settings, {"training": {"cache_text_encoder_outputs": True}}))
+    assert len(encoded) == len(set(encoded)) < every_image  # each caption once
+    for a, b in zip(plain.records, cached.records, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert cached.metadata()["ss_cache_text_encoder_outputs"] == "True"
+    with pytest.raises(ValueError, match="cache_text_encoder_outputs reuses the text encoders' outputs"):
+        config.RunConfig.model_validate({"datasets": ["demo"], "training": {"cache_text_encoder_outputs": True}})

@@ -110,14 +110,16 @@ def _accounted(imp: _Importer, entry: Entry) -> bool:
 
 
 def _text_encoder_lr(imp: _Importer, entry: Entry | None) -> float:
-    """sd-scripts takes one rate per text encoder (a list on SDXL); lorabake has one."""
+    """sd-scripts takes one rate per text encoder (a list on SDXL): the first is text_encoder_lr, a
+    different second one optimizer.text_encoder_2_lr."""
     if entry is None:
         return 0.0
     if not isinstance(entry.value, list):
         return _number(entry)
     rates = [_number(Entry(entry.label, v, entry.file)) for v in entry.value]
-    if len(set(rates)) > 1:
-        imp.notes.append(f"text_encoder_lr {rates}: lorabake trains both text encoders at {rates[0]}")
+    if len(set(rates)) > 1:  # SDXL: the second encoder's own rate
+        _put(imp.run, "optimizer.text_encoder_2_lr", rates[1])
+        imp.mapped.append((f"{entry.label}[1]", "optimizer.text_encoder_2_lr", rates[1]))
     return rates[0] if rates else 0.0
 
 

@@ -213,7 +213,8 @@ def create_network(unet, text_encoder, cfg: Network, seed: int, root: Path | Non
     return network
 
 
-def param_groups(network, cfg: Network, unet_lr: float, text_encoder_lr: float) -> list[dict]:
+def param_groups(network, cfg: Network, unet_lr: float, text_encoder_lr: float,
+                 text_encoder_2_lr: float | None = None) -> list[dict]:
     """Optimizer groups: the UNet (split per block, lr × block_lr_weights, when those are set) and the
     text encoder, each with its own learning rate; with LoRA+, each group's up matrices form a group
     of their own at lr × the ratio (kohya's `{name} plus`); only trainable parameters, no empty groups."""
@@ -224,8 +225,14 @@ def param_groups(network, cfg: Network, unet_lr: float, text_encoder_lr: float) 
         unet_groups[block] += [(n, p) for n, p in lora.named_parameters() if p.requires_grad]
     named = [(unet_groups[None], unet_lr, "unet", "unet")]
     named += [(unet_groups[b], unet_lr * lr_weights[b], f"unet:{b}", "unet") for b in BLOCKS]
-    text_params = [(n, p) for lora in network.text_encoder_loras for n, p in lora.named_parameters() if p.requires_grad]
+    second = f"{TEXT_ENCODER_PREFIX}2_" if text_encoder_2_lr is not None else None  # SDXL's OpenCLIP-G
+    text_params = [(n, p) for lora in network.text_encoder_loras if not (second and lora.lora_name.startswith(second))
+                   for n, p in lora.named_parameters() if p.requires_grad]
     named.append((text_params, text_encoder_lr, "text_encoder", "text_encoder"))
+    if second:
+        text_2 = [(n, p) for lora in network.text_encoder_loras if lora.lora_name.startswith(second)
+                  for n, p in lora.named_parameters() if p.requires_grad]
+        named.append((text_2, text_encoder_2_lr, "text_encoder_2", "text_encoder"))
     groups = []
     for params, lr, name, part in named:
         ratio = cfg.loraplus_ratio(part)

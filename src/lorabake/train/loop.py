@@ -64,6 +64,8 @@ class Session:
     last_saved: str | None = None        # the newest checkpoint written, relative to the project root
     kept: list[str] = field(default_factory=list)  # epoch/step files a resume must find again
     ema: dict[str, torch.Tensor] | None = None  # the network's moving average (run.ema), fp32
+    # caption → (hidden states, SDXL extras without the size numbers), with cache_text_encoder_outputs
+    encoded: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     @property
     def run(self) -> RunConfig:
@@ -197,7 +199,7 @@ def param_groups(net, embeddings, run: RunConfig) -> list[dict]:
     pivotal embeddings, each with its own learning rate."""
     opt = run.optimizer
     text_lr = opt.text_encoder_lr or opt.lr
-    groups = network.param_groups(net, run.network, opt.unet_lr or opt.lr, text_lr)
+    groups = network.param_groups(net, run.network, opt.unet_lr or opt.lr, text_lr, opt.text_encoder_2_lr)
     if embeddings is not None:
         groups.append({"params": [embeddings], "lr": pivotal.learning_rate(run.pivotal, text_lr), "name": "embeddings"})
     return groups
@@ -282,7 +284,7 @@ def micro_batch_loss(s: Session, batch: list[Entry], epoch: int, step: int,
     # Encode the captions; the text encoder builds a graph only while something in it trains.
     grads = text_encoder_trains(run, step, s.plan.total_steps) or embeddings_train(run, step, s.plan.total_steps)
     with torch.set_grad_enabled(grads), s.accelerator.autocast():
-        text, extra = conditioning(base, run, texts, sizes[mine].to(device))
+        text, extra = encode(s, texts, sizes[mine].to(device))
     # Noise the latents; predict the noise (or the velocity) and regress on it, weighted per image.
     noisy_latents = schedule.add_noise(latents, noised_with, timesteps)
     target = noise if s.prediction == "epsilon" else schedule.get_velocity(latents, noise, timesteps)
@@ -324,7 +326,7 @@ def validation_loss(s: Session, held_out: list[Entry]) -> float:
                 latents = latents.to(device)
                 caption = pivotal.substitute(entry.item.caption, run.pivotal) if run.pivotal else entry.item.caption
                 with s.accelerator.autocast():
-                    text, extra = conditioning(base, run, [caption], sizes.to(device))
+                    text, extra = encode(s, [caption], sizes.to(device))
                 for t in timesteps:
                     _, generator = step_rngs(seed, f"validation:{entry.dataset}:{entry.item.rel}:{t}")
                     noise = torch.randn(latents.shape, generator=generator).to(latents)
@@ -339,6 +341,25 @@ def validation_loss(s: Session, held_out: list[Entry]) -> float:
     finally:
         s.net.train()
     return sum(total) / len(total)
+
+
+def encode(s: Session, texts: list[str], sizes: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+    """The batch's conditioning; with training.cache_text_encoder_outputs each distinct caption is
+    encoded once per run (the encoders, their clip skip and token length are fixed within a run, so
+    the caption text is the whole key) and its states are reused."""
+    if not s.run.training.cache_text_encoder_outputs:
+        return conditioning(s.base, s.run, texts, sizes)
+    missing = list(dict.fromkeys(t for t in texts if t not in s.encoded))
+    if missing:
+        with torch.no_grad():
+            hidden, extra = conditioning(s.base, s.run, missing, sizes[:1].expand(len(missing), -1))
+        pooled = extra["text_embeds"] if extra is not None else [None] * len(missing)
+        s.encoded |= {text: (hidden[i].detach(), None if pooled[i] is None else pooled[i].detach())
+                      for i, text in enumerate(missing)}
+    hidden = torch.stack([s.encoded[t][0] for t in texts])
+    if s.base.arch != "sdxl":
+        return hidden, None
+    return hidden, {"text_embeds": torch.stack([s.encoded[t][1] for t in texts]), "time_ids": sizes.to(hidden.dtype)}
 
 
 def conditioning(base: bases.Base, run: RunConfig, texts: list[str], sizes: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
@@ -524,7 +545,7 @@ def training_facts(s: Session) -> dict[str, str]:
             "ss_batch_size_per_device": str(run.training.batch_size), "ss_num_processes": str(run.processes),
             "ss_gradient_accumulation_steps": str(run.training.grad_accum),
             "ss_learning_rate": f"{opt.lr:g}", "ss_unet_lr": f"{opt.unet_lr or opt.lr:g}",
-            "ss_text_encoder_lr": f"{opt.text_encoder_lr or opt.lr:g}", "ss_seed": str(run.training.seed),
+            "ss_text_encoder_lr": te_lrs(opt), "ss_seed": str(run.training.seed),
             "ss_lr_scheduler": run.scheduler.type, "ss_lr_warmup_steps": str(optim.warmup_steps(run.scheduler.warmup, s.plan.total_steps)),
             "ss_optimizer": optimizers.describe(opt.type, opt.args), "ss_flip_aug": str(run.augment.flip),
             "ss_color_aug": str(run.augment.color), "ss_random_crop": str(run.augment.random_crop),
@@ -541,9 +562,16 @@ def training_facts(s: Session) -> dict[str, str]:
             "ss_scale_weight_norms": str(run.loss.scale_weight_norms), "ss_v_parameterization": str(s.prediction == "v_prediction"),
             "ss_network_dropout": f"{run.network.dropout:g}",
             "ss_gradient_checkpointing": str(run.training.gradient_checkpointing),
+            "ss_cache_text_encoder_outputs": str(run.training.cache_text_encoder_outputs),
             "ss_max_grad_norm": str(run.training.max_grad_norm), **loss_facts(run),
             "ss_validation_split": str(run.validation.split if run.validation else 0.0),
             "ss_validation_seed": str(run.validation.seed if run.validation else None)}
+
+
+def te_lrs(opt) -> str:
+    """kohya's ss_text_encoder_lr: one rate, or SDXL's two as the list kohya writes."""
+    first = opt.text_encoder_lr or opt.lr
+    return f"{first:g}" if opt.text_encoder_2_lr is None else str([first, opt.text_encoder_2_lr])
 
 
 def loss_facts(run: RunConfig) -> dict[str, str]:
