@@ -139,6 +139,27 @@ def test_stale_temporaries_beside_an_output_are_removed_by_its_next_write(tmp_pa
     assert sorted(p.name for p in merged.iterdir()) == sorted([p.name for p in kept] + ["demo-merged.safetensors"])
 
 
+def test_a_temporary_swept_before_it_is_locked_is_made_again(tmp_path, monkeypatch):
+    """Another job's sweep can take a temporary for a killed writer's in the instant between its
+    creation and its lock (seen on CI: FileNotFoundError in a concurrent latent cache). The writer
+    then makes a new one instead of failing."""
+    import tempfile
+
+    made, swept = tempfile.mkstemp, []
+
+    def swept_at_once(*args, **kwargs):
+        fd, name = made(*args, **kwargs)
+        if not swept:  # the first one vanishes before the writer opens it
+            swept.append(name)
+            os.unlink(name)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", swept_at_once)
+    store.write_text(tmp_path / "index.json", "{}\n")
+    assert swept and (tmp_path / "index.json").read_text() == "{}\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_a_live_writers_temporary_is_kept_and_a_killed_writers_removed(tmp_path):
     destination = tmp_path / "shared" / "key.safetensors"
     live, live_tmp = start_writer(destination)

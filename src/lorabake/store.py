@@ -144,7 +144,10 @@ def _locked_temp(destination: Path, folder: bool) -> tuple[int, Path]:
             made, name = tempfile.mkstemp(**options)
             os.close(made)
             path = Path(name)
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # another job's sweep removed it before this one could lock it: again
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:  # a filesystem without locks: this temporary is then never swept
