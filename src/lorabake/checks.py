@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorabake.config import BUILTIN_ARCHITECTURES, SCORED_BUILTINS, ConfigError
+from lorabake import block_weights as lbw
+from lorabake.config import BUILTIN_ARCHITECTURES, SCORED_BUILTINS, ConfigError, block_list_problem
 from lorabake.models import keys
 from lorabake.models.keys import PICKLE_SUFFIXES, HeaderError
 from lorabake.project import Project
@@ -27,10 +28,11 @@ def check_project(project: Project) -> Project:
         problems += [f"{project.run_files[name]}: {p} (base {run.base} is {architectures[run.base]})"
                      for p in run.unsupported_on(architectures.get(run.base, ""))]
     for name, merge in f.merges.items():
+        arch = architectures.get(merge.base, "")
         for j, lora in enumerate(merge.loras):
-            if lora.block_weights is not None and architectures.get(merge.base) == "sdxl":
-                problems.append(f"{project.config_file}: merges.{name}.loras.{j}.block_weights: the 25-block vocabulary "
-                                f"is SD1/SD2's; base {merge.base} is SDXL (give a ratio only)")
+            problem = block_list_problem(lora.block_weights, f"merges.{name}.loras.{j}.block_weights", arch)
+            if problem:
+                problems.append(f"{project.config_file}: {problem} (base {merge.base})")
     problems += _check_concept(project)
     problems += _check_comparisons(project, architectures)
     if problems:
@@ -39,7 +41,7 @@ def check_project(project: Project) -> Project:
 
 
 def _check_comparisons(project: Project, architectures: dict[str, str]) -> list[str]:
-    """Block weights use the 25-block SD1/SD2 vocabulary: no comparison may apply them on an SDXL base,
+    """Block weights must be in the vocabulary of each base they are applied on (SD1/SD2's or SDXL's),
     and every base a run is rendered on must be the run's architecture (its LoRA keys must fit)."""
     problems = []
     for name, comparison in project.file.comparisons.items():
@@ -48,9 +50,12 @@ def _check_comparisons(project: Project, architectures: dict[str, str]) -> list[
             own = project.runs[run].base
             for base in comparison.bases or [own]:
                 arch, run_arch = architectures.get(base, ""), architectures.get(own, "")
-                if comparison.block_weights and arch == "sdxl":
-                    problems.append(f"{project.config_file}: comparisons.{name}.block_weights: the 25-block vocabulary "
-                                    f"is SD1/SD2's; base {base} is SDXL")
+                for value in (comparison.block_weights or []) if arch else []:
+                    try:
+                        lbw.resolve(value, arch)
+                    except ValueError as error:
+                        problems.append(f"{project.config_file}: comparisons.{name}.block_weights: {error} "
+                                        f"(base {base} is {arch})")
                 if arch and run_arch and arch != run_arch:
                     problems.append(f"{project.config_file}: comparisons.{name}.bases: run {run} trained on {own} "
                                     f"({run_arch}); its LoRA does not fit {base} ({arch})")
@@ -92,7 +97,7 @@ def _check_base(project: Project, name: str) -> tuple[list[str], str]:
                 f"bases.{name} in {project.config_file.name} (pickles are then read with torch's "
                 "restricted loader, which refuses files that need more than tensors)"], ""
     try:
-        return [], _architecture(project, name)
+        return [], architecture(project, name)
     except HeaderError as e:
         return [f"{where}: {e}"], ""
 
@@ -102,7 +107,7 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*/*.safetensors") if p.is_file())
 
 
-def _architecture(project: Project, name: str) -> str:
+def architecture(project: Project, name: str) -> str:
     """sd1 | sd2 | sdxl, from the builtin's name, a folder's configs or a checkpoint's header; ""
     for a pickle (only the base_model job can read it). HeaderError when the file is unusable."""
     spec = project.file.bases[name]

@@ -174,14 +174,46 @@ class Buckets(Strict):
 
 
 ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "full", "glora", "diag-oft", "boft")
+# The UNet's blocks, as the original (CompVis / sgm) UNet numbers them. SD1/SD2: 12 input blocks, the
+# middle block, 12 output blocks (kohya's and LBW's 25). SDXL: kohya's 23 of sdxl_train's --block_lr and
+# its LoRA's block_dims: the time/label embedding, 9 input blocks, the middle block's 3 parts, 9 output
+# blocks and the final norm/conv (`out`). See models/blocks.py for which layer falls in which.
 BLOCKS = tuple([f"IN{i:02d}" for i in range(12)] + ["MID"] + [f"OUT{i:02d}" for i in range(12)])
+SDXL_BLOCKS = tuple(["EMB"] + [f"IN{i:02d}" for i in range(9)] + [f"MID{i:02d}" for i in range(3)]
+                    + [f"OUT{i:02d}" for i in range(9)] + ["OUT"])
+VOCABULARIES = {"sd1/sd2": ("IN00–IN11, MID, OUT00–OUT11", BLOCKS),
+                "sdxl": ("EMB, IN00–IN08, MID00–MID02, OUT00–OUT08, OUT", SDXL_BLOCKS)}
 PRECISIONS = Literal["fp16", "bf16", "fp32"]
 
 
+def block_names(arch: str) -> tuple[str, ...]:
+    """The block vocabulary of an architecture (sd1, sd2 or sdxl)."""
+    return SDXL_BLOCKS if arch == "sdxl" else BLOCKS
+
+
+def vocabulary_of(values: list[float]) -> str | None:
+    """Which vocabulary ("sd1/sd2" or "sdxl") a per-block list's length is, or None."""
+    return next((name for name, (_, names) in VOCABULARIES.items() if len(values) == len(names)), None)
+
+
 def _per_block(values: list[float] | None, key: str) -> list[float] | None:
-    if values is not None and len(values) != len(BLOCKS):
-        raise ValueError(f"{key} needs {len(BLOCKS)} values (IN00–IN11, MID, OUT00–OUT11), got {len(values)}")
+    if values is not None and vocabulary_of(values) is None:
+        raise ValueError(f"{key} needs {len(BLOCKS)} values on SD1/SD2 ({VOCABULARIES['sd1/sd2'][0]}) or "
+                         f"{len(SDXL_BLOCKS)} on SDXL ({VOCABULARIES['sdxl'][0]}, kohya's order), got {len(values)}")
     return values
+
+
+def block_list_problem(values: list[float] | None, key: str, arch: str) -> str | None:
+    """A per-block list whose length is the other architecture's vocabulary, said with what to give."""
+    if values is None or not arch:
+        return None
+    wanted = "sdxl" if arch == "sdxl" else "sd1/sd2"
+    given = vocabulary_of(values)
+    if given in (None, wanted):
+        return None
+    words, names = VOCABULARIES[wanted]
+    return (f"{key} has {len(values)} values, the {given.upper()} block vocabulary; a {arch} base has "
+            f"{len(names)} blocks: give {len(names)} values ({words})")
 
 
 class Network(Strict):
@@ -197,10 +229,13 @@ class Network(Strict):
     rank_dropout: float = option(0.0, "drops ranks of the update per step", "network_args rank_dropout", ge=0.0, lt=1.0)
     module_dropout: float = option(0.0, "skips a whole module's update per step", "network_args module_dropout",
                                    ge=0.0, lt=1.0)
-    block_dims: list[int] | None = option(None, "25 per-block ranks IN00…IN11, MID, OUT00…OUT11 (UNet)",
+    block_dims: list[int] | None = option(None, "per-block ranks of the UNet: 25 on SD1/SD2 (IN00…IN11, MID, "
+                                          "OUT00…OUT11), 23 on SDXL (EMB, IN00…IN08, MID00…MID02, OUT00…OUT08, OUT)",
                                           "network_args block_dims", most=MAX_RANK, why=RANK_WHY)
-    block_alphas: list[float] | None = option(None, "25 per-block alphas", "network_args block_alphas")
-    block_lr_weights: list[float] | None = option(None, "25 per-block multipliers of the UNet learning rate",
+    block_alphas: list[float] | None = option(None, "per-block alphas (25 on SD1/SD2, 23 on SDXL)",
+                                              "network_args block_alphas")
+    block_lr_weights: list[float] | None = option(None, "per-block multipliers of the UNet learning rate (25 on "
+                                                  "SD1/SD2, 23 on SDXL)",
                                                   "network_args down_lr_weight/mid_lr_weight/up_lr_weight")
     block_lr_zero_threshold: float = option(0.0, "blocks whose lr weight is at or below this get no module at all",
                                             "network_args block_lr_zero_threshold", ge=0.0)
@@ -563,19 +598,18 @@ class RunConfig(Strict):
         return (r, r) if isinstance(r, int) else (r[0], r[1])
 
     def unsupported_on(self, arch: str) -> list[str]:
-        """Options that have no meaning (yet) on this architecture: refused, never silently ignored."""
+        """Options that have no meaning on this architecture: refused, never silently ignored."""
+        blocks = [block_list_problem(getattr(self.network, key), f"network.{key}", arch)
+                  for key in ("block_dims", "block_alphas", "block_lr_weights")]
+        return [problem for problem in blocks if problem] + self._unsupported_options(arch)
+
+    def _unsupported_options(self, arch: str) -> list[str]:
         if arch != "sdxl":
             return [f"optimizer.text_encoder_2_lr is the learning rate of SDXL's second text encoder; a {arch} base "
                     "has one text encoder (use text_encoder_lr)"] if arch and self.optimizer.text_encoder_2_lr else []
-        n, problems = self.network, []
-        if any(v is not None for v in (n.block_dims, n.block_alphas, n.block_lr_weights)):
-            problems.append("network.block_dims/block_alphas/block_lr_weights use the 25-block SD1/SD2 vocabulary; "
-                            "not supported for SDXL yet")
-        if self.pivotal is not None:
-            problems.append("pivotal: not supported for SDXL yet")
         if self.training.clip_skip != 1:  # kohya's SDXL trainers warn that clip_skip does nothing
-            problems.append("training.clip_skip has no meaning for SDXL, which always uses the penultimate layers")
-        return problems
+            return ["training.clip_skip has no meaning for SDXL, which always uses the penultimate layers"]
+        return []
 
     def bucket_spec(self) -> BucketSpec:
         b = self.buckets

@@ -93,7 +93,8 @@ class Comparison(Strict):
     steps: list[int] | None = Field(None, min_length=1, description="sampling steps (default: samples.steps or --s)")
     block_weights: list[str | list[float]] | None = Field(
         None, min_length=1, description="lora-block-weight presets (NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, "
-                                        "OUTALL, ALL0.5) or lists of 17 (LBW), 25 (kohya) or 26 values; SD1/SD2 only")
+                                        "OUTALL, ALL0.5) or lists: 17 (LBW), 25 (kohya) or 26 values on SD1/SD2, 12 (LBW), "
+                                        "20 (LBW LyCORIS) or 23 (kohya) on SDXL")
     rows: Placement = Field("runs", description="the axis (or list of axes) along the rows")
     columns: Placement = Field("strengths", description="the axis (or list of axes) along the columns")
     pages: Placement = Field(None, description="axes with one page each (page-NN.png instead of grid.png)")
@@ -113,7 +114,7 @@ class Comparison(Strict):
     @classmethod
     def _block_weights(cls, values: list | None) -> list | None:
         for value in values or []:
-            lbw.resolve(value)
+            lbw.check(value)
         return values
 
     @field_validator("seeds", "steps", "cfg")
@@ -146,8 +147,9 @@ class MergeLora(Strict):
     run: str = Field(description="the run whose final LoRA is merged")
     ratio: float = Field(1.0, description="the LoRA's strength in the merge (kohya's --ratios)")
     block_weights: list[float] | None = Field(
-        None, description="25 weights (IN00–IN11, MID, OUT00–OUT11) multiplying the ratio per UNet block; "
-                          "text encoder modules keep the ratio")
+        None, description="weights multiplying the ratio per UNet block, in the base's vocabulary: 25 on SD1/SD2 "
+                          "(IN00–IN11, MID, OUT00–OUT11), 23 on SDXL (EMB, IN00–IN08, MID00–MID02, OUT00–OUT08, "
+                          "OUT); text encoder modules keep the ratio")
 
     @field_validator("block_weights")
     @classmethod

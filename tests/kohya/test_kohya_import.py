@@ -207,6 +207,20 @@ def test_adaptive_optimizer_gets_one_rate_and_adafactor_its_schedule(tmp_path):
     assert reasons(adafactor)["lr_scheduler"].startswith("approximate")
 
 
+def test_sdxl_block_options_map_onto_kohyas_23_sdxl_blocks(tmp_path):
+    """kohya's SDXL LoRA: 23 block dims; down/up lr weights of 9, mid of 3, the embedding and the out
+    layer added at 1.0 (get_block_lr_weight with is_sdxl)."""
+    dims = ",".join(["8"] * 22 + ["0"])
+    toml = tmp_path / "xl.toml"
+    toml.write_text(f'pretrained_model_name_or_path = "/m/sdxl.safetensors"\ntrain_data_dir = "/data/img"\nsdxl = true\n'
+                    f'network_module = "networks.lora"\nnetwork_args = ["block_dims={dims}", '
+                    '"down_lr_weight=1,1,1,1,0,1,1,1,1", "mid_lr_weight=1,0.5,1"]\n')
+    run = RunConfig.model_validate(import_kohya(toml).run)
+    assert run.network.block_dims == [8] * 22 + [0]
+    assert run.network.block_lr_weights == [1.0] + [1, 1, 1, 1, 0, 1, 1, 1, 1] + [1, 0.5, 1] + [1.0] * 9 + [1.0]
+    assert run.unsupported_on("sdxl") == [] and "give 25 values" in run.unsupported_on("sd1")[0]
+
+
 def test_missing_toml_keys_get_sd_scripts_defaults(tmp_path):
     """Where sd-scripts' default differs from lorabake's, a key the TOML leaves out gets sd-scripts' value."""
     dims = ",".join(["4"] * 25)

@@ -49,13 +49,25 @@ RUNS = {
     "sdxl-te2": {"base": "sdxl", "network": {"algo": "lora", "dim": 4, "alpha": 4}, "training": {"max_steps": 2},
                  "optimizer": {"text_encoder_lr": 1.0e-3, "text_encoder_2_lr": 4.0e-3}},
 }
+# SDXL's 23 blocks: EMB, IN00–IN08, MID00–MID02, OUT00–OUT08, OUT
+XL_BLOCKS = ["EMB"] + [f"IN{i:02d}" for i in range(9)] + ["MID00", "MID01", "MID02"] + [f"OUT{i:02d}" for i in range(9)] \
+    + ["OUT"]
+XL_LR = dict.fromkeys(XL_BLOCKS, 1.0) | {"IN04": 0.0, "OUT00": 0.5, "OUT01": 0.5}  # IN04: no module at all
+XL_DIMS = dict.fromkeys(XL_BLOCKS, 4) | {"IN08": 2, "MID01": 0}
+RUNS["sdxl-pivotal-blocks"] = {
+    "base": "sdxl", "network": {"algo": "lora", "dim": 4, "alpha": 4, "block_lr_weights": list(XL_LR.values()),
+                                "block_dims": list(XL_DIMS.values())},
+    "pivotal": {"token": "circle", "num_new_tokens": 2, "frac": 1.0, "init": "star"}, "training": {"max_steps": 3},
+}
 MID_ONLY = [0.0] * 12 + [1.0] + [0.0] * 12  # IN00–IN11, MID, OUT00–OUT11
+XL_OUT_ONLY = [1.0 if block.startswith("OUT") and block != "OUT" else 0.0 for block in XL_BLOCKS]
 MERGES = [
     {"name": "sd1-merged", "base": "sd1", "loras": [{"run": "sd1-lora", "ratio": 0.8}]},
     {"name": "sd1-pair", "base": "sd1",
      "loras": [{"run": "sd1-lora", "ratio": 0.5}, {"run": "sd1-loha", "ratio": -0.25}]},
     {"name": "sd1-mid", "base": "sd1", "loras": [{"run": "sd1-lora", "ratio": 1.0, "block_weights": MID_ONLY}]},
     {"name": "sdxl-merged", "base": "sdxl", "loras": [{"run": "sdxl-lora", "ratio": 0.7}]},
+    {"name": "sdxl-out", "base": "sdxl", "loras": [{"run": "sdxl-lora", "ratio": 1.0, "block_weights": XL_OUT_ONLY}]},
 ]
 
 
@@ -389,11 +401,17 @@ def test_merged_checkpoint_computes_what_the_applied_loras_do(project, name):
     assert error < 1e-4, error
 
 
+def merged_unet_changes(project: Project, merge: str, base: str) -> tuple[object, dict, set[str]]:
+    """The merged checkpoint's pipeline, the base's UNet weights, and the names of those the merge changed."""
+    pipe = load_merged(project, merge, base)
+    original = bases.load_base(project.base_dir(base)).unet.state_dict()
+    moved = {name for name, weight in pipe.unet.state_dict().items() if not torch.equal(weight, original[name])}
+    return pipe, original, moved
+
+
 def test_mid_only_block_weights_merge_only_the_middle_block(project):
-    pipe = load_merged(project, "sd1-mid", "sd1")
-    base = bases.load_base(project.base_dir("sd1"))
-    merged, original = pipe.unet.state_dict(), base.unet.state_dict()
-    moved = {name for name, weight in merged.items() if not torch.equal(weight, original[name])}
+    pipe, original, moved = merged_unet_changes(project, "sd1-mid", "sd1")
+    merged, base = pipe.unet.state_dict(), bases.load_base(project.base_dir("sd1"))
     assert moved and all(name.startswith("mid_block.") for name in moved), sorted(moved)[:5]
     deltas = network.module_deltas(project.lora("sd1-lora"), base.unet, base.text_encoder)
     table = network.module_table(base.unet, base.text_encoder)
@@ -451,3 +469,67 @@ def test_sdxl_trains_its_second_text_encoder_at_its_own_rate(project):
             Workspace.load(project.config_file)
     finally:
         (project.root / "configs/runs/sd1-te2.yaml").unlink()
+
+
+# ---------------------------------------------------------------- SDXL: block options and pivotal tuning
+
+def test_sdxl_trains_with_block_options_and_pivotal_tokens_in_both_encoders(project):
+    """kohya's 23 SDXL blocks: an lr weight of 0 leaves its block without modules, a block dim sets the
+    rank of its modules, the lr weights set the groups' rates; the new tokens get trained vectors in
+    both text encoders, saved as `clip_l` and `clip_g`."""
+    run = "sdxl-pivotal-blocks"
+    weights, records = load_file(project.lora(run)), train_log(project, run)
+    modules = modules_of(weights)
+    assert not any(m.startswith("lora_unet_input_blocks_4_") for m in modules)  # IN04: lr weight 0
+    assert not any(m.startswith("lora_unet_middle_block_1_") for m in modules)  # MID01: dim 0
+    assert {weights[f"{m}.lora_down.weight"].shape[0] for m in modules if m.startswith("lora_unet_input_blocks_8_")} == {2}
+    assert {weights[f"{m}.lora_down.weight"].shape[0] for m in modules if m.startswith("lora_unet_input_blocks_5_")} == {4}
+    lrs = records[0]["lrs"]
+    assert lrs["unet:OUT00"] == pytest.approx(0.5e-2) and lrs["unet:IN05"] == pytest.approx(1e-2)
+    assert "unet:IN04" not in lrs and "unet:MID01" not in lrs
+
+    saved = load_file(project.root / paths.embeddings(run, "circle"))
+    base = bases.load_base(project.base_dir("sdxl"))
+    assert sorted(saved) == ["clip_g", "clip_l"]
+    for key, tokenizer, encoder in (("clip_l", base.tokenizer, base.text_encoder),
+                                    ("clip_g", base.tokenizer_2, base.text_encoder_2)):
+        star = encoder.get_input_embeddings().weight[tokenizer("star", add_special_tokens=False).input_ids[0]]
+        assert saved[key].shape == (2, star.shape[0]), key  # each encoder's own width
+        assert (saved[key] - star).abs().max() > 1e-4, key  # trained away from the init word, in both
+
+
+def test_sdxl_block_weights_merge_only_the_output_blocks(project):
+    _, _, moved = merged_unet_changes(project, "sdxl-out", "sdxl")
+    base = bases.load_base(project.base_dir("sdxl"))
+    assert moved and all(name.startswith("up_blocks.") for name in moved), sorted(moved)[:5]
+    deltas = network.module_deltas(project.lora("sdxl-lora"), base.unet, base.te)
+    up = {key for key, delta in deltas.items() if key.startswith("lora_unet_output_blocks_") and delta.any()}
+    table = network.module_table(base.unet, base.te)
+    path_of = {id(module): path for path, module in base.unet.named_modules()}
+    assert {path_of[id(table[key][1])] + ".weight" for key in up} == moved  # every OUT module, nothing else
+
+
+def test_sdxl_embeddings_reach_both_encoders_of_the_sampling_pipeline(project, tmp_path):
+    """A grid cell with the run's embeddings installs them in both of the pipeline's encoders: the same
+    file with its `clip_g` vectors changed renders another picture."""
+    from PIL import Image
+
+    from lorabake.config import Pivotal
+    from lorabake.prompts import Prompt
+    from lorabake.render.cells import Cell, render_cells, with_pivotal
+    from lorabake.train import pivotal
+
+    run = "sdxl-pivotal-blocks"
+    project.lora(run)
+    cfg = Pivotal.model_validate(RUNS[run]["pivotal"])
+    trained = project.root / paths.embeddings(run, "circle")
+    changed = tmp_path / "circle.safetensors"
+    vectors = load_file(trained)
+    pivotal.save_embeddings(changed, {"clip_l": vectors["clip_l"], "clip_g": -3 * vectors["clip_g"]}, cfg, {})
+    prompt = Prompt("a red circle", "", 64, 64, 1, 5.0, 2)
+    cells = [Cell(project.base_dir("sdxl"), with_pivotal(prompt, (cfg, path)), "euler", embeddings=(cfg, path))
+             for path in (trained, changed)]
+    assert cells[0].prompt.text == "a red <s0><s1>"
+    rendered = render_cells(cells, tmp_path / "cache", 1)
+    first, second = (Image.open(rendered[cell.key]).tobytes() for cell in cells)
+    assert first != second

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from lorabake.config import ALGOS, BLOCKS, LYCORIS_ARGS
+from lorabake.config import ALGOS, BLOCKS, LYCORIS_ARGS, SDXL_BLOCKS
 from lorabake.kohya.bookkeeping import _Importer, _lorabake_default, _put, _reason_not_carried
 from lorabake.kohya.values import (Entry, KohyaImportError, _boolean, _integer, _key_value_args, _number, _numbers,
                                    _off, _text)
@@ -181,7 +181,7 @@ def _map_lycoris_args(imp: _Importer, args: dict[str, Entry]) -> None:
 
 
 def _map_blocks(imp: _Importer, kind: NetworkKind, args: dict[str, Entry]) -> None:
-    """kohya's per-block options (networks.lora, 25 blocks on SD1/SD2; SDXL has its own 23)."""
+    """kohya's per-block options (networks.lora: 25 blocks on SD1/SD2, 23 on SDXL)."""
     if kind.conv_follows_dim:
         return
     sdxl = imp.value("sdxl") in (True, "true", "True")
@@ -189,10 +189,9 @@ def _map_blocks(imp: _Importer, kind: NetworkKind, args: dict[str, Entry]) -> No
         entry = args.pop(name, None)
         if entry is None:
             continue
-        values = _numbers(entry)
-        if len(values) != len(BLOCKS) or sdxl:
-            imp.skip(entry, f"{len(values)} values: lorabake's block options use the 25 SD1 blocks (IN00–OUT11); "
-                            "kohya's SDXL layout has 23")
+        values, wanted = _numbers(entry), len(SDXL_BLOCKS if sdxl else BLOCKS)
+        if len(values) != wanted:
+            imp.skip(entry, f"{len(values)} values: kohya's {'SDXL' if sdxl else 'SD1/SD2'} layout has {wanted} blocks")
             continue
         imp.set(entry, dotted, [int(v) for v in values] if name == "block_dims" else values)
     weights = {part: args.pop(f"{part}_lr_weight", None) for part in ("down", "mid", "up")}
@@ -225,10 +224,10 @@ def _lr_weight_list(entry: Entry | None, count: int) -> list[float]:
 
 def _map_block_lr_weights(imp: _Importer, weights: dict[str, Entry | None], sdxl: bool) -> None:
     present = [e for e in weights.values() if e is not None]
-    if sdxl:
-        for entry in present:
-            imp.skip(entry, "lorabake's block options use the 25 SD1 blocks; kohya's SDXL layout has 23")
-        return
-    combined = _lr_weight_list(weights["down"], 12) + _lr_weight_list(weights["mid"], 1) + _lr_weight_list(weights["up"], 12)
+    levels, middle = (9, 3) if sdxl else (12, 1)  # kohya's SDXL_NUM_OF_BLOCKS / SDXL_NUM_OF_MID_BLOCKS
+    combined = _lr_weight_list(weights["down"], levels) + _lr_weight_list(weights["mid"], middle) \
+        + _lr_weight_list(weights["up"], levels)
+    if sdxl:  # the embedding and the final out layer keep 1.0, as kohya adds them
+        combined = [1.0] + combined + [1.0]
     for entry in present:
         imp.set(entry, "network.block_lr_weights", [round(w, 6) for w in combined])

@@ -305,6 +305,10 @@ class Base:
         return [te for te in (self.text_encoder, self.text_encoder_2) if te is not None]
 
     @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+
+    @property
     def te(self):
         """The text encoder argument of networks and key names: one encoder, or SDXL's two as a list
         (named `lora_te1_…`, `lora_te2_…`)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lorabake.config import ALGOS, BLOCKS, Network
+from lorabake.config import ALGOS, Network
 from lorabake.models import keys, sd_layout
 from lorabake.models.blocks import block_of, block_values
 
@@ -116,19 +116,20 @@ def has_block_options(cfg: Network) -> bool:
     return any(v is not None for v in (cfg.block_dims, cfg.block_alphas, cfg.block_lr_weights))
 
 
-def block_settings(cfg: Network) -> dict[str, tuple[int, float] | None]:
+def block_settings(cfg: Network, arch: str = "sd1") -> dict[str, tuple[int, float] | None]:
     """(dim, alpha) per block, or None for a block that gets no module (dim 0, or lr weight at or below
     block_lr_zero_threshold: kohya's get_block_lr_weight + remove_block_dims_and_alphas)."""
-    dims = block_values(cfg.block_dims, cfg.dim)
-    alphas = block_values(cfg.block_alphas, cfg.alpha)
-    lr_weights = block_values(cfg.block_lr_weights, 1.0)
-    learns = {b: cfg.block_lr_weights is None or lr_weights[b] > cfg.block_lr_zero_threshold for b in BLOCKS}
-    return {b: (int(dims[b]), alphas[b]) if dims[b] > 0 and learns[b] else None for b in BLOCKS}
+    dims = block_values(cfg.block_dims, cfg.dim, arch)
+    alphas = block_values(cfg.block_alphas, cfg.alpha, arch)
+    lr_weights = block_values(cfg.block_lr_weights, 1.0, arch)
+    learns = {b: cfg.block_lr_weights is None or lr_weights[b] > cfg.block_lr_zero_threshold for b in dims}
+    return {b: (int(dims[b]), alphas[b]) if dims[b] > 0 and learns[b] else None for b in dims}
 
 
-def _layer_config(path: str, layer: torch.nn.Module, settings: dict, cfg: Network, conv: bool) -> dict | None:
+def _layer_config(path: str, layer: torch.nn.Module, settings: dict, cfg: Network, conv: bool,
+                  arch: str = "sd1") -> dict | None:
     """The dim/alpha lycoris should give one layer, or None when kohya would not train it."""
-    block = block_of(path)
+    block = block_of(path, arch)
     if block is not None and settings[block] is None:
         return None
     dim, alpha = settings[block] if block is not None else (cfg.dim, cfg.alpha)
@@ -146,14 +147,15 @@ def _layer_config(path: str, layer: torch.nn.Module, settings: dict, cfg: Networ
 
 def per_block_preset(preset: dict, unet, cfg: Network) -> dict:
     """The class-based preset rewritten as one entry per UNet layer, with that layer's block settings."""
-    settings = block_settings(cfg)
+    arch = unet_arch(unet)
+    settings = block_settings(cfg, arch)
     targets = {}
     for path, container in unet.named_modules():
         if type(container).__name__ not in preset.get("unet_target_module", []):
             continue
         for child, layer in container.named_modules():
             layer_path = f"{path}.{child}" if child else path
-            config = _layer_config(layer_path, layer, settings, cfg, bool(preset.get("enable_conv")))
+            config = _layer_config(layer_path, layer, settings, cfg, bool(preset.get("enable_conv")), arch)
             if config is not None:
                 targets[layer_path] = config
     # fnmatch on paths without wildcards is an exact match; regexes would read the dots as "any".
@@ -214,17 +216,17 @@ def create_network(unet, text_encoder, cfg: Network, seed: int, root: Path | Non
 
 
 def param_groups(network, cfg: Network, unet_lr: float, text_encoder_lr: float,
-                 text_encoder_2_lr: float | None = None) -> list[dict]:
+                 text_encoder_2_lr: float | None = None, arch: str = "sd1") -> list[dict]:
     """Optimizer groups: the UNet (split per block, lr × block_lr_weights, when those are set) and the
     text encoder, each with its own learning rate; with LoRA+, each group's up matrices form a group
     of their own at lr × the ratio (kohya's `{name} plus`); only trainable parameters, no empty groups."""
-    lr_weights = block_values(cfg.block_lr_weights, 1.0)
+    lr_weights = block_values(cfg.block_lr_weights, 1.0, arch)
     unet_groups = defaultdict(list)
     for lora in network.unet_loras:
-        block = block_of(lora.lora_name) if cfg.block_lr_weights is not None else None
+        block = block_of(lora.lora_name, arch) if cfg.block_lr_weights is not None else None
         unet_groups[block] += [(n, p) for n, p in lora.named_parameters() if p.requires_grad]
     named = [(unet_groups[None], unet_lr, "unet", "unet")]
-    named += [(unet_groups[b], unet_lr * lr_weights[b], f"unet:{b}", "unet") for b in BLOCKS]
+    named += [(unet_groups[b], unet_lr * lr_weights[b], f"unet:{b}", "unet") for b in lr_weights]
     second = f"{TEXT_ENCODER_PREFIX}2_" if text_encoder_2_lr is not None else None  # SDXL's OpenCLIP-G
     text_params = [(n, p) for lora in network.text_encoder_loras if not (second and lora.lora_name.startswith(second))
                    for n, p in lora.named_parameters() if p.requires_grad]
@@ -252,6 +254,11 @@ def lora_name(prefix: str, path: str) -> str:
 
 def is_sdxl(unet) -> bool:
     return unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def unet_arch(unet) -> str:
+    """The block vocabulary a UNet takes: "sdxl", or "sd1" (SD1 and SD2 share it)."""
+    return "sdxl" if is_sdxl(unet) else "sd1"
 
 
 def text_encoder_prefixes(text_encoder) -> list[tuple[str, torch.nn.Module]]:
@@ -392,8 +399,9 @@ def apply_weights(path: Path, unet, text_encoder, multiplier: float = 1.0, text_
     `text_encoder_multiplier` (default: `multiplier`); UNet modules take `multiplier` × their block's
     weight, when given. A module at 0 is not applied at all: its layer runs exactly as before."""
     network = load_weights(path, unet, text_encoder, multiplier)
+    arch = unet_arch(unet)
     for lora in network.unet_loras:
-        block = block_of(lora.lora_name) if block_weights is not None else None
+        block = block_of(lora.lora_name, arch) if block_weights is not None else None
         lora.multiplier = multiplier * (block_weights[block] if block is not None else 1.0)
     for lora in network.text_encoder_loras:
         lora.multiplier = multiplier if text_encoder_multiplier is None else text_encoder_multiplier
@@ -435,9 +443,9 @@ def merge_weights(path: Path, unet, text_encoder, multiplier: float = 1.0,
     """Add `multiplier` × the LoRA's weight deltas into the models' weights (UNet modules × their
     block's weight, when given); returns modules merged."""
     network = load_weights(path, unet, text_encoder, multiplier)
-    loras = network.unet_loras + network.text_encoder_loras
+    loras, arch = network.unet_loras + network.text_encoder_loras, unet_arch(unet)
     for lora in loras:
-        block = block_of(lora.lora_name) if block_weights is not None else None  # None for text encoders
+        block = block_of(lora.lora_name, arch) if block_weights is not None else None  # None for text encoders
         strength = multiplier * (block_weights[block] if block is not None else 1.0)
         if _scales_twice(lora):
             weight = lora.org_module[0].weight

@@ -26,7 +26,7 @@ from PIL import Image
 
 from lorabake import paths, store
 from lorabake.block_weights import BlockWeights
-from lorabake.config import BLOCKS, Pivotal
+from lorabake.config import Pivotal, block_names
 from lorabake.prompts import Prompt
 
 CELL_VERSION = 1  # bump when rendering changes pixels for the same key: every cell renders again
@@ -142,9 +142,10 @@ def lora_applied(pipe, lora: Path | None, strength: float, te_strength: float | 
         return
     from lorabake.models import network
 
-    blocks = None if cell.unet_blocks is None else dict(zip(BLOCKS, cell.unet_blocks))
-    if blocks is not None and getattr(pipe, "text_encoder_2", None) is not None:
-        raise ValueError(f"{lora}: block weights use the 25-block SD1/SD2 vocabulary; SDXL grids take strengths only")
+    blocks = None if cell.unet_blocks is None else block_weights.as_dict()
+    if blocks is not None and block_weights.names != block_names(network.unet_arch(pipe.unet)):
+        raise ValueError(f"{lora}: block weights of {len(block_weights.names)} blocks do not fit this UNet "
+                         f"({network.unet_arch(pipe.unet)})")
     net = network.apply_weights(lora, pipe.unet, pipeline_text_encoders(pipe), strength,
                                 cell.text_encoder_multiplier, blocks)
     try:
@@ -218,7 +219,9 @@ def _render_with_one_pipeline(cells: list[Cell], root: Path, batch_size: int, do
     pipe = load_pipeline(first.base_dir, first.sampler)
     if first.embeddings is not None:
         cfg, path = first.embeddings
-        pivotal.load_embeddings(path, pipe.tokenizer, pipe.text_encoder, cfg)
+        second = getattr(pipe, "text_encoder_2", None)
+        tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if second is not None else pipe.tokenizer
+        pivotal.load_embeddings(path, tokenizers, pipeline_text_encoders(pipe), cfg)
     for state, group in _grouped(cells, _lora_group).items():
         use_sampler(pipe, state[0])
         lead = group[0]

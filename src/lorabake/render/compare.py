@@ -142,7 +142,7 @@ def _planned_cell(ws, samples: Samples, axes: dict[str, Axis], coords: dict[str,
     prompt = replace(prompt, **{key: value[axis] for axis, key in (("seeds", "seed"), ("cfg", "cfg"), ("steps", "steps"))
                                 if value[axis] is not None})
     embeddings = (cfg.pivotal, root / paths.embeddings(run, cfg.pivotal.token)) if cfg.pivotal else None
-    blocks = None if value["block_weights"] is None else lbw.resolve(value["block_weights"])
+    blocks = None if value["block_weights"] is None else lbw.resolve(value["block_weights"], _arch(ws, base))
     sampler = value["samplers"] or samples.sampler
     settings = {"run": run, "epoch": epoch if epoch is not None else LAST, "strength": value["strengths"],
                 "te_strength": value["te_strengths"] if value["te_strengths"] is not None else value["strengths"],
@@ -154,6 +154,13 @@ def _planned_cell(ws, samples: Samples, axes: dict[str, Axis], coords: dict[str,
     cell = Cell(root / paths.base_dir(base), with_pivotal(prompt, embeddings), sampler, cfg.training.clip_skip, lora,
                 value["strengths"], value["te_strengths"], blocks, embeddings)
     return PlannedCell(coords, settings, cell)
+
+
+def _arch(ws, base: str) -> str:
+    """The base's architecture, which decides its block vocabulary (read from its config or header)."""
+    from lorabake.checks import architecture
+
+    return architecture(ws.project, base)
 
 
 def _kept(ws, run: str) -> list[int]:

@@ -3,8 +3,9 @@
 The checkpoint is in the original Stable Diffusion layout (`model.diffusion_model.…`,
 `first_stage_model.…`, the text encoders under `cond_stage_model.…` or, for SDXL,
 `conditioner.embedders.…`; see sd_layout.py), which A1111, ComfyUI, Forge and kohya load, and which
-diffusers' `from_single_file` reads with the base's configs. Each LoRA has a ratio, and optionally 25
-block weights that multiply the ratio per UNet block (IN00–IN11, MID, OUT00–OUT11).
+diffusers' `from_single_file` reads with the base's configs. Each LoRA has a ratio, and optionally
+block weights that multiply the ratio per UNet block, in the base's vocabulary: 25 on SD1/SD2 (IN00–IN11,
+MID, OUT00–OUT11), 23 on SDXL (EMB, IN00–IN08, MID00–MID02, OUT00–OUT08, OUT).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lorabake import store
+from lorabake.config import block_list_problem
 from lorabake.models import bases, lora_format, network, sd_layout
 from lorabake.models.blocks import block_values
 
@@ -32,9 +34,10 @@ class MergeInput:
 
 def merge_into(base: bases.Base, lora: MergeInput) -> int:
     """Add one LoRA's deltas into the base's weights; refuses a merge that makes NaN or inf."""
-    if lora.block_weights is not None and base.arch == "sdxl":
-        raise ValueError(f"{lora.path}: block weights use the 25-block SD1/SD2 vocabulary; SDXL merges take a ratio only")
-    weights = block_values(lora.block_weights, 1.0) if lora.block_weights is not None else None
+    problem = block_list_problem(lora.block_weights, f"{lora.path}: block_weights", base.arch)
+    if problem:
+        raise ValueError(problem)
+    weights = block_values(lora.block_weights, 1.0, base.arch) if lora.block_weights is not None else None
     merged = network.merge_weights(lora.path, base.unet, base.te, lora.ratio, block_weights=weights)
     broken = [name for model in (base.unet, *base.text_encoders) for name, p in model.named_parameters()
               if not torch.isfinite(p).all()]

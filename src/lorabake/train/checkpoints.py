@@ -70,7 +70,8 @@ def save_ema(s: Session, path: str, metadata: dict[str, str]) -> None:
 def save_embeddings(s: Session) -> None:
     """Pivotal vectors beside the LoRA, named by the prompt word (webui's convention)."""
     cfg = s.run.pivotal
-    pivotal.save_embeddings(s.inputs.root / paths.embeddings(s.inputs.name, cfg.token), s.embeddings.detach(), cfg,
+    vectors = {key: value.detach() for key, value in s.embeddings.items()}
+    pivotal.save_embeddings(s.inputs.root / paths.embeddings(s.inputs.name, cfg.token), vectors, cfg,
                             {"lorabake_run": s.inputs.name, "lorabake_base_id": bases.base_id(s.inputs.base_dir)})
 
 
@@ -172,10 +173,15 @@ CHECKPOINT_COPIES = "checkpoints"  # under state/: the epoch/step files written 
 EMA_PREFIX = "ema."  # the moving average's tensors in a saved state, beside the network's
 
 
+def embeddings_state_key(key: str) -> str:
+    """A saved state's name for the pivotal vectors of one file key (SD1's as before SDXL had two)."""
+    return "pivotal.embeddings" if key == pivotal.PARAM_KEY else f"pivotal.embeddings.{key}"
+
+
 def save_state(s: Session, epoch: int, step: int) -> None:
     weights = dict(s.net.state_dict())
     if s.embeddings is not None:
-        weights["pivotal.embeddings"] = s.embeddings.detach()
+        weights |= {embeddings_state_key(key): value.detach() for key, value in s.embeddings.items()}
     if s.ema is not None:
         weights |= {f"{EMA_PREFIX}{key}": value for key, value in s.ema.items()}
     root = s.inputs.root / paths.state_root(s.inputs.name)
@@ -196,7 +202,8 @@ def resume(s: Session) -> int:
     weights = dict(saved.network)
     if s.embeddings is not None:
         with torch.no_grad():
-            s.embeddings.copy_(weights.pop("pivotal.embeddings"))
+            for key, vectors in s.embeddings.items():
+                vectors.copy_(weights.pop(embeddings_state_key(key)))
     if s.ema is not None:
         s.ema = {key.removeprefix(EMA_PREFIX): weights.pop(key).float() for key in list(weights)
                  if key.startswith(EMA_PREFIX)}

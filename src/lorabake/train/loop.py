@@ -97,12 +97,12 @@ def setup(inputs: RunInputs) -> Session:
     if run.loss.zero_terminal_snr:
         base.noise_scheduler = losses.zero_terminal_snr(base.noise_scheduler)
     # New pivotal tokens first: the network then wraps a text encoder that already knows them.
-    embeddings = pivotal.add_tokens(base.tokenizer, base.text_encoder, run.pivotal, run.training.seed) \
+    embeddings = pivotal.add_tokens_to_all(base.tokenizers, base.text_encoders, run.pivotal, run.training.seed) \
         if run.pivotal else None
     net = network.create_network(base.unet, base.te, run.network, run.training.seed, inputs.root)
     if run.training.full_precision:
         net.to(dtype=autocast_dtype(run))
-    groups = param_groups(net, embeddings, run)
+    groups = param_groups(net, embeddings, run, base.arch)
     optimizer = optim.make_optimizer(run.optimizer.type, groups, run.optimizer.lr, run.optimizer.args)
     scheduler = optim.make_scheduler(run.scheduler.type, optimizer, plan.total_steps, run.scheduler.warmup,
                                      run.scheduler.cycles, run.scheduler.power)
@@ -146,14 +146,15 @@ def autocast_dtype(run: RunConfig) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.training.mixed_precision, torch.float32)
 
 
-def param_groups(net, embeddings, run: RunConfig) -> list[dict]:
+def param_groups(net, embeddings, run: RunConfig, arch: str = "sd1") -> list[dict]:
     """The network's groups (UNet per block when block LR weights are set, text encoder), plus the
     pivotal embeddings, each with its own learning rate."""
     opt = run.optimizer
     text_lr = opt.text_encoder_lr or opt.lr
-    groups = network.param_groups(net, run.network, opt.unet_lr or opt.lr, text_lr, opt.text_encoder_2_lr)
+    groups = network.param_groups(net, run.network, opt.unet_lr or opt.lr, text_lr, opt.text_encoder_2_lr, arch)
     if embeddings is not None:
-        groups.append({"params": [embeddings], "lr": pivotal.learning_rate(run.pivotal, text_lr), "name": "embeddings"})
+        groups.append({"params": list(embeddings.values()), "lr": pivotal.learning_rate(run.pivotal, text_lr),
+                       "name": "embeddings"})
     return groups
 
 

@@ -10,8 +10,13 @@ Unlike those scripts, which train the whole token-embedding matrix and copy the 
 every step, the new vectors here are their own `nn.Parameter` inside `NewTokenEmbedding`: the original
 matrix never reaches an optimizer, so its rows are untouched by construction.
 
-The saved file is what AUTOMATIC1111 and ComfyUI load as an SD1 embedding: a safetensors file with the
-single key `emb_params` holding a [vectors, dim] tensor (see `save_embeddings`).
+SDXL has two text encoders, and a token needs a vector in each: the new tokens go into both
+tokenizers and both encoders (CLIP-L and OpenCLIP bigG), each with vectors of its own width, as in
+diffusers' train_dreambooth_lora_sdxl_advanced.py.
+
+The saved file is what AUTOMATIC1111 and ComfyUI load as an embedding: a safetensors file with the
+single key `emb_params` holding a [vectors, dim] tensor (SD1/SD2), or for SDXL the two keys `clip_l`
+and `clip_g`, one per encoder (see `save_embeddings`).
 """
 from __future__ import annotations
 
@@ -27,6 +32,12 @@ from lorabake import store
 from lorabake.config import Pivotal
 
 PARAM_KEY = "emb_params"
+SDXL_KEYS = ("clip_l", "clip_g")  # the SDXL embedding file's tensors, in text-encoder order
+
+
+def file_keys(count: int) -> tuple[str, ...]:
+    """The embedding file's tensor names for `count` text encoders (1, or SDXL's 2)."""
+    return SDXL_KEYS if count == 2 else (PARAM_KEY,)
 
 
 # ---------------------------------------------------------------- names and captions
@@ -117,6 +128,14 @@ def add_tokens(tokenizer, text_encoder, cfg: Pivotal, seed: int) -> nn.Parameter
     return _install(tokenizer, text_encoder, cfg, _initial_vectors(tokenizer, weight, cfg, seed))
 
 
+def add_tokens_to_all(tokenizers: list, text_encoders: list, cfg: Pivotal, seed: int) -> dict[str, nn.Parameter]:
+    """`add_tokens` on every (tokenizer, text encoder) pair, the k-th seeded with seed + k; the
+    vectors by the file key that holds them (`emb_params`, or SDXL's `clip_l`, `clip_g`)."""
+    keys = file_keys(len(text_encoders))
+    return {key: add_tokens(tokenizer, encoder, cfg, seed + k)
+            for k, (key, tokenizer, encoder) in enumerate(zip(keys, tokenizers, text_encoders, strict=True))}
+
+
 # ---------------------------------------------------------------- the schedule
 
 def pivot_step(total_steps: int, cfg: Pivotal) -> int:
@@ -130,14 +149,16 @@ def is_training(step: int, total_steps: int, cfg: Pivotal) -> bool:
     return step <= pivot_step(total_steps, cfg)
 
 
-def freeze_after(vectors: nn.Parameter, step: int, total_steps: int, cfg: Pivotal) -> bool:
-    """Call before step `step`'s forward pass: past the pivot, stop training the vectors and return
-    False. Their gradient is dropped (not zeroed) because Adam-like optimizers skip parameters without
-    a gradient, while a zero gradient would still move them by momentum and weight decay."""
+def freeze_after(vectors: nn.Parameter | dict[str, nn.Parameter], step: int, total_steps: int, cfg: Pivotal) -> bool:
+    """Call before step `step`'s forward pass: past the pivot, stop training the vectors (one
+    parameter, or each of a dict's) and return False. Their gradient is dropped (not zeroed) because
+    Adam-like optimizers skip parameters without a gradient, while a zero gradient would still move
+    them by momentum and weight decay."""
     training = is_training(step, total_steps, cfg)
-    if not training and vectors.requires_grad:
-        vectors.requires_grad_(False)
-        vectors.grad = None
+    for one in vectors.values() if isinstance(vectors, dict) else [vectors]:
+        if not training and one.requires_grad:
+            one.requires_grad_(False)
+            one.grad = None
     return training
 
 
@@ -148,38 +169,51 @@ def learning_rate(cfg: Pivotal, text_encoder_lr: float) -> float:
 
 # ---------------------------------------------------------------- files
 
-def save_embeddings(path: str | os.PathLike, vectors: torch.Tensor, cfg: Pivotal, metadata: dict[str, str]) -> None:
-    """Write the vectors as an SD1 embedding file, atomically.
+def save_embeddings(path: str | os.PathLike, vectors: torch.Tensor | dict[str, torch.Tensor], cfg: Pivotal,
+                    metadata: dict[str, str]) -> None:
+    """Write the vectors as an embedding file, atomically: one tensor (SD1/SD2) or a dict by file key.
 
-    One key, `emb_params`, of shape [vectors, dim], float32. AUTOMATIC1111
+    SD1/SD2: one key, `emb_params`, of shape [vectors, dim], float32. AUTOMATIC1111
     (modules/textual_inversion/textual_inversion.py, load_from_file) takes a safetensors file with a
     single tensor as a "diffusers concept" and asserts that there is exactly one key; ComfyUI
-    (comfy/sd1_clip.py, load_embed) uses the `clip_l` key if present, else the first tensor. Both use
-    the file's name as the prompt word. Metadata is ignored by both, so it carries the token facts.
+    (comfy/sd1_clip.py, load_embed) uses the `clip_l` key if present, else the first tensor.
+    SDXL: `clip_l` [vectors, 768] and `clip_g` [vectors, 1280] (tiny widths on the tiny base), the keys
+    AUTOMATIC1111's SDXL embeddings and ComfyUI's SDXL clip (comfy/sdxl_clip.py) read, one per encoder.
+    Both use the file's name as the prompt word. Metadata is ignored by both, so it carries the token facts.
     """
-    if vectors.ndim != 2 or vectors.shape[0] != cfg.num_new_tokens:
-        raise ValueError(f"expected [{cfg.num_new_tokens}, dim] vectors, got {list(vectors.shape)}")
-    tensors = {PARAM_KEY: vectors.detach().to("cpu", torch.float32).contiguous()}
+    named = {PARAM_KEY: vectors} if isinstance(vectors, torch.Tensor) else vectors
+    for key, tensor in named.items():
+        if tensor.ndim != 2 or tensor.shape[0] != cfg.num_new_tokens:
+            raise ValueError(f"{key}: expected [{cfg.num_new_tokens}, dim] vectors, got {list(tensor.shape)}")
+    tensors = {key: tensor.detach().to("cpu", torch.float32).contiguous() for key, tensor in named.items()}
     facts = {"pivotal_token": cfg.token, "pivotal_tokens": "".join(new_token_names(cfg))}
     store.write_safetensors(path, tensors, {**metadata, **facts})
 
 
-def _read_vectors(path: str | os.PathLike, width: int, cfg: Pivotal) -> torch.Tensor:
+def _read_vectors(path: str | os.PathLike, key: str, width: int, cfg: Pivotal) -> torch.Tensor:
     tensors = load_file(os.fspath(path), device="cpu")
-    if PARAM_KEY not in tensors:
-        raise ValueError(f"{path}: no '{PARAM_KEY}' tensor (keys: {sorted(tensors)})")
-    vectors = tensors[PARAM_KEY]
+    if key not in tensors:
+        raise ValueError(f"{path}: no '{key}' tensor (keys: {sorted(tensors)})")
+    vectors = tensors[key]
     if tuple(vectors.shape) != (cfg.num_new_tokens, width):
-        raise ValueError(f"{path}: '{PARAM_KEY}' has shape {list(vectors.shape)}, but pivotal.num_new_tokens "
+        raise ValueError(f"{path}: '{key}' has shape {list(vectors.shape)}, but pivotal.num_new_tokens "
                          f"is {cfg.num_new_tokens} and the text encoder's width {width}")
     return vectors
 
 
 def load_embeddings(path: str | os.PathLike, tokenizer, text_encoder, cfg: Pivotal) -> None:
     """Install saved vectors for `<s0><s1>…` (frozen), so prompts passed through `substitute` use
-    them. A text encoder that already has the tokens (the one just trained) gets its vectors replaced."""
+    them. A text encoder that already has the tokens (the one just trained) gets its vectors replaced.
+    SDXL: lists of both tokenizers and both encoders, which read `clip_l` and `clip_g`."""
+    tokenizers = tokenizer if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+    encoders = text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    for key, one_tokenizer, encoder in zip(file_keys(len(encoders)), tokenizers, encoders, strict=True):
+        _load_one(path, key, one_tokenizer, encoder, cfg)
+
+
+def _load_one(path: str | os.PathLike, key: str, tokenizer, text_encoder, cfg: Pivotal) -> None:
     embedding = text_encoder.get_input_embeddings()
-    vectors = _read_vectors(path, embedding.weight.shape[1], cfg)
+    vectors = _read_vectors(path, key, embedding.weight.shape[1], cfg)
     if isinstance(embedding, NewTokenEmbedding):
         _register_tokens(tokenizer, embedding.first_new_id, cfg)
         if embedding.vectors.shape != vectors.shape:

@@ -33,7 +33,7 @@ class Session:
     plan: TrainingPlan
     base: bases.Base
     net: object                          # lycoris LycorisNetworkKohya
-    embeddings: torch.nn.Parameter | None  # pivotal-tuning vectors
+    embeddings: dict[str, torch.nn.Parameter] | None  # pivotal-tuning vectors by file key (pivotal.file_keys)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     accelerator: object
