@@ -112,3 +112,49 @@ def test_lbw_sdxl_lists_and_presets():
     lbw.check([1.0] * 12)  # a length of either vocabulary passes the file check; the base decides later
     with pytest.raises(ValueError, match="on SD1/SD2, 17 .*; on SDXL, 12 .*; got 11"):
         lbw.check([1.0] * 11)
+
+
+def test_sdxl_grid_cells_apply_lbw_weights_to_their_blocks(tmp_path):
+    """An SDXL LoRA applied under LBW's 20-value SDXL list: each UNet module runs at the strength × its
+    block's weight, the text encoders at BASE; the cell's UNet output is the base's when every block
+    weighs 0, and an SD1 list does not fit the SDXL pipeline."""
+    from lorabake.models import lora_format
+    from lorabake.render import cells
+
+    base_dir = tmp_path / "xl"
+    bases.build_base("tiny-sdxl", base_dir)
+    base = bases.load_base(base_dir)
+    net = network.create_network(base.unet, base.te, Network(algo="lora", dim=2), seed=1)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+    lora = tmp_path / "xl.safetensors"
+    lora_format.save_lora(network.kohya_state(net, base.unet, base.te), lora, "fp32", {})
+    pipe = cells.load_pipeline(base_dir, "euler")
+    encoders = cells.pipeline_text_encoders(pipe)
+    outs_only = lbw.resolve([0.5] + [0.0] * 10 + [1.0] * 9, "sdxl")  # BASE, IN00–IN08, M00, OUT00–OUT08
+    applied = network.apply_weights(lora, pipe.unet, encoders, 0.8, 0.8 * outs_only.text_encoder, outs_only.as_dict())
+    try:
+        on = [m for m in applied.unet_loras if m.multiplier != 0.0]
+        assert on and all(block_of(m.lora_name, "sdxl").startswith("OUT") for m in on)
+        assert [m.multiplier for m in on] == pytest.approx([0.8] * len(on))
+        assert [m.multiplier for m in applied.text_encoder_loras] == pytest.approx([0.4] * len(applied.text_encoder_loras))
+    finally:
+        for module in applied.applied:
+            module.restore()
+
+    def unet_output():
+        generator = torch.Generator().manual_seed(0)
+        sample, context = torch.randn(1, 4, 16, 16, generator=generator), torch.randn(1, 77, 96, generator=generator)
+        extra = {"text_embeds": torch.randn(1, 64, generator=generator), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}
+        with torch.no_grad():
+            return pipe.unet(sample, torch.tensor([10]), context, added_cond_kwargs=extra).sample
+
+    plain = unet_output()
+    with cells.lora_applied(pipe, lora, 1.0, te_strength=1.0, block_weights=lbw.resolve("NONE", "sdxl")):
+        assert torch.equal(unet_output(), plain)
+    with cells.lora_applied(pipe, lora, 1.0, block_weights=outs_only):
+        assert not torch.allclose(unet_output(), plain)
+    with pytest.raises(ValueError, match="block weights of 25 blocks do not fit this UNet"):
+        with cells.lora_applied(pipe, lora, 1.0, block_weights=lbw.resolve("OUTS")):
+            pass
