@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
+from lorabake import paths
 from lorabake.models import bases, network
 from lorabake.tools import merge
 
-from conftest import snakemake
+from conftest import planned_jobs, snakemake
 
 pytestmark = pytest.mark.workflow  # runs Snakemake
 
@@ -68,3 +71,26 @@ def test_lora_keys_and_metadata_follow_kohya(built_project):
     assert meta["ss_network_alpha"] == "4" and meta["ss_base_model_version"] == "sd_v1"
     with safe_open(str(built_project / "results/runs/demo-unet-only/demo-unet-only.safetensors"), "pt") as f:
         assert not any(k.startswith("lora_te_") for k in f.keys())  # train_text_encoder: false
+
+
+def test_an_emas_entry_is_built_by_all_from_the_runs_epoch_files_alone(project_copy):
+    config_file = project_copy / "configs/config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    entry = {"name": "demo-ema", "run": "demo-lora", "decay": 0.6}
+    config_file.write_text(yaml.safe_dump({**config, "emas": [entry]}, sort_keys=False))
+    assert planned_jobs(project_copy) == [("ema", {"name": "demo-ema"})]  # in `all`, and nothing retrains
+    snakemake(project_copy, "all")
+    epochs = [load_file(project_copy / paths.epoch_lora("demo-lora", epoch)) for epoch in (1, 2, 3, 4)]
+    expected = {key: value.double() for key, value in epochs[0].items()}
+    for state in epochs[1:]:  # ema_k = decay × ema_(k−1) + (1 − decay) × w_k
+        expected = {key: 0.6 * expected[key] + 0.4 * state[key].double() for key in expected}
+    result = load_file(project_copy / paths.posthoc_ema("demo-ema"))
+    assert sorted(result) == sorted(expected)
+    for key, value in expected.items():  # the run saves fp16, and so does the EMA
+        torch.testing.assert_close(result[key].double(), value, rtol=2e-3, atol=1e-5)
+    out = snakemake(project_copy, "-n", "all")
+    assert "Nothing to be done" in out.stdout + out.stderr
+    config_file.write_text(yaml.safe_dump({**config, "emas": [{**entry, "epochs": [2, 9]}]}, sort_keys=False))
+    refused = snakemake(project_copy, "-n", "all", check=False)
+    assert refused.returncode != 0
+    assert "emas.demo-ema.epochs: run demo-lora keeps no epoch file for epoch(s) [9]" in refused.stdout + refused.stderr

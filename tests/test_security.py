@@ -80,6 +80,7 @@ def test_dataset_keys_that_leave_results_are_refused_and_write_nothing(tmp_path)
     ("extracts: entry 0: name", lambda c: c.update(extracts=[{"name": "/tmp/e", "tuned": "tiny"}])),
     ("resizes: entry 0: name", lambda c: c.update(resizes=[{"name": "r/../../x", "run": "a", "rank": 2}])),
     ("svd_merges: entry 0: name", lambda c: c.update(svd_merges=[{"name": "..", "loras": [{"run": "a"}], "rank": 2}])),
+    ("emas: entry 0: name", lambda c: c.update(emas=[{"name": "../../e", "run": "a", "decay": 0.5}])),
 ])
 def test_every_name_that_becomes_a_path_passes_one_check(tmp_path, where, edit):
     with pytest.raises(ConfigError, match=rf"config.yaml: {where}.*becomes a file name under results/"):

@@ -24,6 +24,7 @@ def cmd_validate(ws: Workspace, args) -> None:
         print(f"run {run}: datasets {ws.run(run).datasets}, {plan.steps_per_epoch} steps/epoch × "
               f"{plan.epochs} epochs = {plan.total_steps} steps{validation}")
     ws.check_comparisons()
+    ws.check_emas()
     print(f"ok: {len(ws.project.file.datasets)} datasets, {len(ws.project.runs)} runs")
 
 
@@ -254,6 +255,31 @@ def cmd_svd_merge(ws: Workspace, args) -> None:
     print(f"svd-merge {spec.name}: {len(lora_tools.module_names(merged))} modules at rank {spec.rank}")
 
 
+def cmd_ema(ws: Workspace, args) -> None:
+    """A post-hoc EMA of a run's saved epoch files (lora_tools.posthoc_ema)."""
+    from lorabake.models import lora_format
+    from lorabake.tools import lora_tools
+
+    spec, root = ws.project.file.emas[args.name], ws.project.root
+    epochs = ws.ema_epochs(args.name)
+    files = [paths.epoch_lora(spec.run, epoch) for epoch in epochs]
+    missing = [file for file in files if not (root / file).is_file()]
+    if missing:
+        raise ConfigError(f"{ws.project.config_file}: emas.{spec.name}: run {spec.run}'s epoch files {missing} "
+                          f"are missing (removed after it trained?); train it again: "
+                          f"snakemake -j1 -f {paths.run_lora(spec.run)}")
+    loaded = [lora_tools.load_lora(root / file) for file in files]
+    try:
+        averaged = lora_tools.posthoc_ema([state for state, _ in loaded], spec.decay, files)
+    except ValueError as e:
+        raise SystemExit(f"lorabake: error: emas.{spec.name}: {e}") from None
+    metadata = lora_tools.posthoc_ema_metadata(spec.name, spec.run, epochs, spec.decay, loaded[0][1], loaded[-1][1])
+    lora_format.save_lora(averaged, root / paths.posthoc_ema(spec.name), spec.precision, metadata)
+    weights = ", ".join(f"e{epoch}: {weight:.3g}" for epoch, weight in
+                        zip(epochs, lora_tools.ema_weights(len(epochs), spec.decay)))
+    print(f"ema {spec.name}: {len(files)} epoch files of {spec.run}, decay {spec.decay:g}, weights {weights}")
+
+
 def cmd_resume(ws: Workspace, args) -> None:
     """Continue a killed Snakemake run: `snakemake ARGS --rerun-incomplete`, after clearing the lock
     the killed run left in the project root, which is done only when no Snakemake or lorabake process
@@ -351,6 +377,7 @@ def parser() -> argparse.ArgumentParser:
     add("extract", cmd_extract, "extract a LoRA from (merged − base) by SVD", "name")
     add("resize", cmd_resize, "resize a run's LoRA to a lower (or dynamic) rank by SVD", "name")
     add("svd-merge", cmd_svd_merge, "merge several runs' LoRAs into one LoRA by SVD", "name")
+    add("ema", cmd_ema, "average a run's saved epoch files into one LoRA (a post-hoc EMA)", "name")
     add_resume(sub)
     kohya = sub.add_parser("import-kohya", help="turn a kohya training config (+ dataset TOML) into a run config",
                            description="Turn a kohya_ss GUI config (JSON/TOML) or an sd-scripts --config_file, "

@@ -167,6 +167,11 @@ def svd_merged(name: str) -> str:
     return f"{RESULTS}/svd-merged/{safe_name(name)}.safetensors"
 
 
+def posthoc_ema(name: str) -> str:
+    """A run's epoch files averaged into one LoRA (not `ema_lora`, the online EMA's copy of a checkpoint)."""
+    return f"{RESULTS}/ema/{safe_name(name)}.safetensors"
+
+
 def job_log(rule: str, *keys: str) -> str:
     """A job's log, `logs/<rule>/<wildcard values>.log`: what `lorabake <stage>` printed."""
     return f"{LOGS}/{safe_name(rule)}/" + "/".join(safe_name(key) for key in keys) + ".log"

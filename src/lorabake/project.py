@@ -262,9 +262,9 @@ def check_references(project: Project) -> None:
                             f"({sorted(f.merges)}) nor a key of bases ({sorted(f.bases)})")
         if extract.base is not None and extract.base not in f.bases:
             problems.append(f"{where}: extracts.{name}.base: '{extract.base}' is not a key of bases")
-    for kind, entries in (("resizes", f.resizes), ("svd_merges", f.svd_merges)):
+    for kind, entries in (("resizes", f.resizes), ("svd_merges", f.svd_merges), ("emas", f.emas)):
         for name, entry in entries.items():
-            runs = [entry.run] if kind == "resizes" else [lora.run for lora in entry.loras]
+            runs = [lora.run for lora in entry.loras] if kind == "svd_merges" else [entry.run]
             problems += [f"{where}: {kind}.{name}: no run named '{run}' in {where.parent / 'runs'}"
                          for run in runs if run not in project.runs]
     problems += _comparison_problems(project)

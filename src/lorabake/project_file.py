@@ -1,4 +1,5 @@
-"""The project file's entries besides runs: samples, merges, extracts, resizes and svd-merges, and
+"""The project file's entries besides runs: samples, merges, extracts, resizes, svd-merges and post-hoc
+EMAs, and
 `ProjectFile`, the model of `configs/config.yaml` as a whole (bases and datasets are config's).
 
 On the config floor with lorabake.config: no torch, nothing above it.
@@ -221,6 +222,27 @@ class SvdMerge(Strict):
     precision: Literal["fp16", "bf16", "fp32"] = "fp16"
 
 
+class PostHocEma(Strict):
+    """A run's saved epoch files averaged into one LoRA, as an EMA updated once per file: ema = decay × ema
+    + (1 − decay) × file, from the first file on. The decay is per saved file, not per step: 0.8 over 10
+    files weights the last file 0.2 and the first 0.8⁹ ≈ 0.13."""
+
+    name: Name = Field(description="the artifact's name (its file or folder under results/)")
+    run: str = Field(description="the run whose epoch files are averaged (it saves them with save.every_n_epochs)")
+    decay: float = Field(ge=0.0, lt=1.0, description="weight of the average per saved file: ema = decay × ema + "
+                                                     "(1 − decay) × file; 0: the last file alone")
+    epochs: list[int] | None = Field(None, min_length=2, description="the epochs whose files are averaged, in order "
+                                                                     "(default: every epoch file the run keeps)")
+    precision: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+    @field_validator("epochs")
+    @classmethod
+    def _ascending(cls, epochs: list[int] | None) -> list[int] | None:
+        if epochs is not None and epochs != sorted(set(epochs)):
+            raise ValueError(f"epochs {epochs} must ascend, each once: the EMA takes the files in training order")
+        return epochs
+
+
 NAMED_LIST = {"written_as": "list"}  # for docs/options.md: the YAML holds a list of named entries
 
 
@@ -243,11 +265,14 @@ class ProjectFile(Strict):
                                description="runs' LoRAs at a lower rank (results/resized/)")
     svd_merges: dict[str, SvdMerge] = Field(default_factory=dict, json_schema_extra=NAMED_LIST,
                                description="several runs' LoRAs as one LoRA (results/svd-merged/)")
+    emas: dict[str, PostHocEma] = Field(default_factory=dict, json_schema_extra=NAMED_LIST,
+                               description="runs' epoch files averaged into one LoRA, post hoc (results/ema/)")
     comparisons: dict[str, Comparison] = Field(default_factory=dict, json_schema_extra=NAMED_LIST,
                                description="X/Y/Z grids over runs, epochs, strengths, prompts, seeds, … (results/comparisons/)")
     trainer_version: int = Field(1, description="bump by hand when training semantics change")
 
-    @field_validator("merges", "extracts", "resizes", "svd_merges", "comparisons", mode="before")
+    @field_validator("merges", "extracts", "resizes", "svd_merges", "emas", "comparisons",
+                     mode="before")
     @classmethod
     def _keyed_by_name(cls, entries: Any) -> dict[str, Any]:
         if not isinstance(entries, list):

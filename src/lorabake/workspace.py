@@ -16,7 +16,7 @@ from lorabake.data.buckets import BucketSpec
 from lorabake.data.dataset import Dataset, caption_digest, scan_dataset, with_folder_settings
 from lorabake.data.scan_cache import image_sha256
 from lorabake.project import Project, load_project
-from lorabake.train.plan import TrainingPlan, kept_epochs, plan_training
+from lorabake.train.plan import TrainingPlan, kept_epochs, plan_training, saved_epochs
 
 TRAINER_VERSION = 2  # bump when training semantics change: every run retrains
 
@@ -122,6 +122,32 @@ class Workspace:
 
     def epoch_files(self, run: str) -> list[str]:
         return [paths.epoch_lora(run, e) for e in kept_epochs(self.run(run), self.plan(run))]
+
+    # ------------------------------------------------------------ post-hoc EMAs
+    def ema_epochs(self, name: str) -> list[int]:
+        """The epochs an `emas` entry averages: its `epochs`, or every epoch file its run keeps. A
+        ConfigError naming the key and what to set when the run keeps fewer than two, or not those."""
+        entry, where = self.project.file.emas[name], self.project.config_file
+        run = self.run(entry.run)
+        kept, run_file = kept_epochs(run, self.plan(entry.run)), self.project.run_files[entry.run]
+        every, keep_last = run.save.every_n_epochs, run.save.keep_last
+        settings = f"save.every_n_epochs: {every or 'null'}, save.keep_last: {keep_last or 'null'}"
+        if entry.epochs is None and len(kept) < 2:
+            pruned = keep_last and len(saved_epochs(run, self.plan(entry.run))) > 1
+            fix = "save.keep_last to 2 or more (or remove it)" if pruned else "save.every_n_epochs (e.g. 1)"
+            raise ConfigError(f"{where}: emas.{name}.run: run {entry.run} keeps only the epoch file of epoch "
+                              f"{kept[0]} ({settings}); a post-hoc EMA averages two or more: set {fix} in {run_file}")
+        unknown = [epoch for epoch in entry.epochs or [] if epoch not in kept]
+        if unknown:
+            raise ConfigError(f"{where}: emas.{name}.epochs: run {entry.run} keeps no epoch file for epoch(s) "
+                              f"{unknown}; it keeps {kept} ({settings}): pick epochs from those, or set "
+                              f"save.every_n_epochs and save.keep_last in {run_file} so that they are saved")
+        return list(entry.epochs or kept)
+
+    def check_emas(self) -> None:
+        """Every `emas` entry's epoch files will be there (ema_epochs): a ConfigError otherwise."""
+        for name in self.project.file.emas:
+            self.ema_epochs(name)
 
     def caption_digests(self, run: str) -> dict[str, str]:
         return {ds: caption_digest(d) for ds, d in self.run_datasets(run).items()}

@@ -22,6 +22,7 @@ try:
     for _run in WS.project.runs:
         WS.plan(_run)  # and every run's step count is within bounds
     WS.check_comparisons()
+    WS.check_emas()
 except (ConfigError, DatasetError) as error:
     raise WorkflowError(f"lorabake: {error}") from None
 for _warning in WS.project.warnings:
@@ -77,6 +78,7 @@ def get_all_targets():
     targets += [paths.extracted(name) for name in f.extracts]
     targets += [paths.resized(name) for name in f.resizes]
     targets += [paths.svd_merged(name) for name in f.svd_merges]
+    targets += [paths.posthoc_ema(name) for name in f.emas]
     targets += [paths.comparison_dir(name) for name in f.comparisons]
     return targets
 
@@ -220,3 +222,16 @@ def get_svd_merge_spec(wildcards):
 
 def get_svd_merge_inputs(wildcards):
     return [paths.run_lora(lora.run) for lora in get_svd_merge(wildcards).loras]
+
+
+def get_ema(wildcards):
+    return WS.project.file.emas[wildcards.name]
+
+
+def get_ema_spec(wildcards):
+    """The entry and the epochs it resolves to (`epochs` left out means every file the run keeps)."""
+    return {**get_ema(wildcards).model_dump(mode="json"), "epochs": WS.ema_epochs(wildcards.name)}
+
+
+def get_ema_input(wildcards):
+    return paths.epochs_dir(get_ema(wildcards).run)

@@ -101,3 +101,26 @@ rule svd_merge:
         CONDA_ENV
     shell:
         "{params.cli} svd-merge --name {wildcards.name} > {log} 2>&1"
+
+
+# The run's epoch files come with its `epochs/` folder, a directory output of `train`; which files the
+# EMA averages (and that the run keeps them) is checked when the workflow loads (WS.check_emas).
+rule ema:
+    input:
+        epochs=get_ema_input,
+    output:
+        lora=paths.posthoc_ema("{name}"),
+    params:
+        spec=get_ema_spec,
+        cli=LORABAKE,
+    log:
+        paths.job_log("ema", "{name}"),
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        CONDA_ENV
+    shell:
+        "{params.cli} ema --name {wildcards.name} > {log} 2>&1"

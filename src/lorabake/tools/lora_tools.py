@@ -1,4 +1,5 @@
-"""LoRA → LoRA tools on kohya-format state dicts: resize, SVD-merge, and the truncated SVD they share.
+"""LoRA → LoRA tools on kohya-format state dicts: resize, SVD-merge, the truncated SVD they share, and a
+post-hoc EMA over a run's saved epoch files.
 
 A kohya LoRA module NAME holds `NAME.lora_down.weight` (rank×in, or rank×in×kh×kw for a conv),
 `NAME.lora_up.weight` (out×rank, or out×rank×1×1) and `NAME.alpha`, and changes its layer's weight by
@@ -13,8 +14,9 @@ extract_lora_from_models.py, with these deliberate differences:
   (kohya's resize applies its --new_conv_rank to 1×1 convolutions too).
 - nothing is clamped unless `clamp_quantile` is given; svd_merge_lora.py always clamps at 0.99, and
   clamping would keep a merge from reproducing Σ ratio × ΔW.
-SVDs run in float64. A LoRA's delta is only ever decomposed through its factors (QR of up and downᵀ,
-then an SVD of the small rank×rank core), so a module costs O((out + in)·rank²), not a full SVD.
+SVDs run in float64, and so does the EMA's weighted sum. A LoRA's delta is only ever decomposed through
+its factors (QR of up and downᵀ, then an SVD of the small rank×rank core), so a module costs
+O((out + in)·rank²), not a full SVD.
 """
 from __future__ import annotations
 
@@ -357,6 +359,58 @@ def svd_merge(states: list[tuple[dict[str, torch.Tensor], float]], rank: int, co
     return merged
 
 
+# ---------------------------------------------------------------- post-hoc EMA
+
+def ema_weights(count: int, decay: float) -> list[float]:
+    """Each file's weight in an EMA updated once per file, in order: ema_1 = w_1 and
+    ema_k = decay × ema_(k−1) + (1 − decay) × w_k give the first decay^(N−1) and the k-th (k ≥ 2)
+    (1 − decay) × decay^(N−k); they sum to 1."""
+    if count < 1:
+        raise ValueError("a post-hoc EMA needs at least one file")
+    if not 0 <= decay < 1:
+        raise ValueError(f"decay must be in [0, 1), got {decay} (1 would keep the first file alone)")
+    return [decay ** (count - 1)] + [(1 - decay) * decay ** (count - k) for k in range(2, count + 1)]
+
+
+def _check_same_layout(states: list[dict[str, torch.Tensor]], labels: list[str]) -> None:
+    """The same keys, shapes and alphas in every file: the files of one run, averaged key by key."""
+    first = states[0]
+    for state, label in zip(states[1:], labels[1:]):
+        missing, extra = sorted(set(first) - set(state)), sorted(set(state) - set(first))
+        if missing or extra:
+            raise ValueError(f"{label} and {labels[0]} hold different keys (only in {labels[0]}: {missing[:3]}, "
+                             f"only in {label}: {extra[:3]}); a post-hoc EMA averages the files of one run")
+        for key, tensor in state.items():
+            if tensor.shape != first[key].shape:
+                raise ValueError(f"key {key}: shape {tuple(tensor.shape)} in {label}, {tuple(first[key].shape)} "
+                                 f"in {labels[0]}; a post-hoc EMA averages the files of one run")
+            if key.endswith(".alpha") and not torch.equal(tensor, first[key]):
+                raise ValueError(f"key {key}: alpha {float(tensor):g} in {label}, {float(first[key]):g} in "
+                                 f"{labels[0]}; factors trained under different alphas cannot be averaged")
+
+
+def posthoc_ema(states: list[dict[str, torch.Tensor]], decay: float,
+                labels: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The exponential moving average of several LoRA files' stored tensors, as an online EMA of the
+    parameters updated once per file in order (see ema_weights). Every key is averaged as stored
+    (lora_down/lora_up and LyCORIS factors alike: an EMA of the parameters, not of their ΔW); a key equal
+    in every file (an alpha) is kept as it is. `labels` name the files in errors."""
+    labels = labels or [f"file {i}" for i in range(1, len(states) + 1)]
+    weights = ema_weights(len(states), decay)
+    _check_same_layout(states, labels)
+    averaged = {}
+    for key, first in states[0].items():
+        if all(torch.equal(state[key], first) for state in states[1:]):
+            averaged[key] = first
+            continue
+        if not first.is_floating_point():
+            raise ValueError(f"key {key}: a {first.dtype} tensor that differs between {labels[0]} and the "
+                             "others; only floating-point tensors can be averaged")
+        total = sum(weight * state[key].double() for weight, state in zip(weights, states))
+        averaged[key] = total.to(torch.promote_types(first.dtype, torch.float32))
+    return averaged
+
+
 # ---------------------------------------------------------------- files
 
 def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -403,3 +457,19 @@ def svd_merged_metadata(name: str, sources: list[tuple[str, float]], first: dict
         "ss_network_alpha": str(rank), "ss_network_args": json.dumps(conv),
         "modelspec.title": name, "modelspec.merged_from": ", ".join(run for run, _ in sources),
         "ss_training_comment": "svd merge of " + ", ".join(f"{run} × {ratio:g}" for run, ratio in sources)}
+
+
+def posthoc_ema_metadata(name: str, run: str, epochs: list[int], decay: float, first: dict[str, str],
+                         last: dict[str, str]) -> dict[str, str]:
+    """The first epoch file's metadata (the run's ss_* facts), at the last file's epoch and steps, with
+    what was averaged: lorabake_posthoc_ema (run, epochs, decay, weights) and ss_training_comment."""
+    fresh = {k: v for k, v in first.items() if not k.startswith("sshs_") and k != "modelspec.hash_sha256"}
+    fresh |= {k: last[k] for k in ("ss_epoch", "ss_steps") if k in last}
+    weights = ema_weights(len(epochs), decay)
+    comment = (f"post-hoc EMA of {run} epochs {', '.join(map(str, epochs))}, decay {decay:g} per saved file "
+               f"(weights {', '.join(f'{w:.4g}' for w in weights)})")
+    old = first.get("ss_training_comment", "")
+    return fresh | {"ss_output_name": name, "modelspec.title": name,
+                    "ss_training_comment": f"{comment}; {old}" if old else comment,
+                    "lorabake_posthoc_ema": json.dumps({"run": run, "epochs": epochs, "decay": decay,
+                                                        "weights": weights})}
