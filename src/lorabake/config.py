@@ -355,9 +355,10 @@ class Training(Strict):
                                           "--gradient_checkpointing")
     attention: Literal["sdpa", "eager"] = option("sdpa", "attention kernel: torch scaled_dot_product_attention "
                                                  "or the plain matmul", "--sdpa")
-    cache_text_encoder_outputs: bool = option(False, "encode each distinct caption once per run and reuse it "
-                                              "(the text encoders must be frozen: train_text_encoder false, no "
-                                              "pivotal)", "--cache_text_encoder_outputs")
+    cache_text_encoder_outputs: bool = option(False, "encode each distinct caption once and reuse it, in this run "
+                                              "and later ones on the same base (results/cache/text/; the text "
+                                              "encoders must be frozen: train_text_encoder false, no pivotal)",
+                                              "--cache_text_encoder_outputs(_to_disk)")
     cache_latents: bool | None = option(None, "encode images once (null: yes unless color/crop augmentation "
                                         "needs the pixels each step)", "--cache_latents")
     processes: int = option(1, "data-parallel processes (GPUs, or CPU processes with gloo); batch_size is per "

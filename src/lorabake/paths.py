@@ -78,6 +78,11 @@ def latent_store(vae_id: str, spec: BucketSpec) -> str:
     return f"{RESULTS}/cache/latents/{safe_name(vae_id)}/{geometry(spec)}"
 
 
+def text_cache(base_id: str) -> str:
+    """Text-encoder outputs of a base's frozen encoders, by caption (lorabake.train.text_cache)."""
+    return f"{RESULTS}/cache/text/{safe_name(base_id)}"
+
+
 def run_dir(run: str) -> str:
     return f"{RESULTS}/runs/{safe_name(run)}"
 

@@ -524,5 +524,18 @@ def test_cached_text_encoder_outputs_train_as_the_encoder_does(trainer, monkeypa
     for a, b in zip(plain.records, cached.records, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     assert cached.metadata()["ss_cache_text_encoder_outputs"] == "True"
+    # Another run on the base reads what the first encoded from the disk cache: nothing to encode, and
+    # exactly the first run's losses (the same stored states, bit for bit).
+    store = next(trainer.project.glob("results/cache/text/*"))
+    assert len(list(store.rglob("*.safetensors"))) == len(encoded)
+    encoded.clear()
+    again = trainer.train("te-cached-again", project.deep_merge(settings, {"training": {"cache_text_encoder_outputs": True}}))
+    assert encoded == []
+    assert [r["loss"] for r in again.records] == [r["loss"] for r in cached.records]
+    # Another clip skip changes the encoders' output: its own entries, encoded afresh.
+    trainer.train("te-cached-skip", project.deep_merge(settings, {"training": {"cache_text_encoder_outputs": True,
+                                                                               "clip_skip": 2}}))
+    assert len(encoded) == len(set(encoded)) > 0
+    assert len(list(store.rglob("*.safetensors"))) == 2 * len(encoded)
     with pytest.raises(ValueError, match="cache_text_encoder_outputs reuses the text encoders' outputs"):
         config.RunConfig.model_validate({"datasets": ["demo"], "training": {"cache_text_encoder_outputs": True}})

@@ -64,6 +64,7 @@ SIMPLE: dict[str, tuple[str, Callable[[Entry], Any]]] = {
     "max_grad_norm": ("training.max_grad_norm", _number),
     "cache_text_encoder_outputs": ("training.cache_text_encoder_outputs", _boolean),
     "sdxl_cache_text_encoder_outputs": ("training.cache_text_encoder_outputs", _boolean),
+    "cache_text_encoder_outputs_to_disk": ("training.cache_text_encoder_outputs", _boolean),
     "loss_type": ("loss.type", _one_of("l2", "l1", "huber", "smooth_l1")),
     "huber_c": ("loss.huber_c", _number),
     "huber_schedule": ("loss.huber_schedule", _one_of("constant", "exponential", "snr")),

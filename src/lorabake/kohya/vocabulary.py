@@ -71,6 +71,7 @@ LORABAKE_KEYS: dict[str, str] = {
     "caption_suffix": "datasets.<ds>.folders.<folder>.caption_suffix",
     "cache_text_encoder_outputs": "training.cache_text_encoder_outputs",
     "sdxl_cache_text_encoder_outputs": "training.cache_text_encoder_outputs",
+    "cache_text_encoder_outputs_to_disk": "training.cache_text_encoder_outputs",
     "validation_split": "validation.split", "validation_seed": "validation.seed",
     "validate_every_n_epochs": "validation.every_n_epochs",
     "caption_extension": "captions.extension", "shuffle_caption": "captions.shuffle",
@@ -212,8 +213,8 @@ NOT_CARRIED: dict[str, tuple[str, ...]] = {
         "resume", "initial_epoch", "initial_step", "skip_until_initial_step"),
     "nothing lost: lorabake encodes latents with the VAE as loaded, outside autocast (what no_half_vae asks for)": (
         "no_half_vae", "sdxl_no_half_vae"),
-    "nothing lost: lorabake caches text-encoder outputs in memory (training.cache_text_encoder_outputs)": (
-        "cache_text_encoder_outputs_to_disk", "text_encoder_batch_size"),
+    "nothing lost: lorabake encodes a run's uncached captions in one batch (training.cache_text_encoder_outputs)": (
+        "text_encoder_batch_size",),
     "not available in lorabake: the run will differ from kohya's here": (
         "noise_offset_random_strength",
         "scale_v_pred_loss_like_noise_pred", "masked_loss", "alpha_mask",

@@ -30,6 +30,7 @@ from lorabake.train.data import CachedLatents, PixelLatents
 from lorabake.train.checkpoints import resume, save_checkpoint, save_due, save_embeddings
 from lorabake.train.plan import Entry, TrainingPlan, batches, epoch_entries, plan_training, validation_entries
 from lorabake.train.session import RunInputs, Session
+from lorabake.train.text_cache import TextCache
 
 
 # ---------------------------------------------------------------- the run
@@ -69,6 +70,8 @@ def train(inputs: RunInputs) -> list[dict]:
             save_embeddings(s)
         save_checkpoint(s, s.plan.epochs, s.plan.total_steps, paths.run_lora(inputs.name))
         write_logs(inputs.name, s.records, s.plan, inputs.root)
+        if s.text_cache is not None:
+            print(f"train {inputs.name}: {s.text_cache.summary()}")
     s.accelerator.wait_for_everyone()
     return s.records
 
@@ -115,6 +118,9 @@ def setup(inputs: RunInputs) -> Session:
     session = Session(inputs, plan, base, net, embeddings, optimizer, scheduler, accelerator, latents_of,
                       losses.prediction_type(run.loss, base.noise_scheduler))
     session.ema = ema_weights(net) if run.ema is not None else None
+    if run.training.cache_text_encoder_outputs:
+        session.text_cache = TextCache.for_run(inputs.root, base.id, base.arch, run.training, run.captions.weighted,
+                                               accelerator.device.type)
     return session
 
 
@@ -298,21 +304,23 @@ def validation_loss(s: Session, held_out: list[Entry]) -> float:
 
 def encode(s: Session, texts: list[str], sizes: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
     """The batch's conditioning; with training.cache_text_encoder_outputs each distinct caption is
-    encoded once per run (the encoders, their clip skip and token length are fixed within a run, so
-    the caption text is the whole key) and its states are reused."""
-    if not s.run.training.cache_text_encoder_outputs:
+    encoded once, by this run or any run before it on the same base and settings (text_cache), and
+    its states are reused."""
+    cache = s.text_cache
+    if cache is None:
         return conditioning(s.base, s.run, texts, sizes)
-    missing = list(dict.fromkeys(t for t in texts if t not in s.encoded))
+    missing = list(dict.fromkeys(t for t in texts if cache.read(t) is None))
     if missing:
         with torch.no_grad():
             hidden, extra = conditioning(s.base, s.run, missing, sizes[:1].expand(len(missing), -1))
-        pooled = extra["text_embeds"] if extra is not None else [None] * len(missing)
-        s.encoded |= {text: (hidden[i].detach(), None if pooled[i] is None else pooled[i].detach())
-                      for i, text in enumerate(missing)}
-    hidden = torch.stack([s.encoded[t][0] for t in texts])
+        for i, text in enumerate(missing):
+            cache.write(text, hidden[i], None if extra is None else extra["text_embeds"][i])
+    outputs, device = [cache.read(t) for t in texts], s.accelerator.device
+    hidden = torch.stack([h for h, _ in outputs]).to(device)
     if s.base.arch != "sdxl":
         return hidden, None
-    return hidden, {"text_embeds": torch.stack([s.encoded[t][1] for t in texts]), "time_ids": sizes.to(hidden.dtype)}
+    pooled = torch.stack([p for _, p in outputs]).to(device)
+    return hidden, {"text_embeds": pooled, "time_ids": sizes.to(hidden.dtype)}
 
 
 def conditioning(base: bases.Base, run: RunConfig, texts: list[str], sizes: torch.Tensor) -> tuple[torch.Tensor, dict | None]:

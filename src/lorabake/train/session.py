@@ -11,6 +11,7 @@ from lorabake.config import RunConfig
 from lorabake.data.dataset import Dataset
 from lorabake.models import bases
 from lorabake.train.plan import TrainingPlan
+from lorabake.train.text_cache import TextCache
 
 
 @dataclass
@@ -43,8 +44,7 @@ class Session:
     last_saved: str | None = None        # the newest checkpoint written, relative to the project root
     kept: list[str] = field(default_factory=list)  # epoch/step files a resume must find again
     ema: dict[str, torch.Tensor] | None = None  # the network's moving average (run.ema), fp32
-    # caption → (hidden states, SDXL extras without the size numbers), with cache_text_encoder_outputs
-    encoded: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    text_cache: TextCache | None = None  # with training.cache_text_encoder_outputs
 
     @property
     def run(self) -> RunConfig:
