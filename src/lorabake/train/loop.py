@@ -166,10 +166,15 @@ def param_groups(net, embeddings, run: RunConfig, arch: str = "sd1") -> list[dic
 
 # ---------------------------------------------------------------- what each step sees
 
+def stream_key(seed: int, step: int | str) -> int:
+    """A 63-bit seed of its own for each (seed, step or named draw)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:step:{step}".encode()).digest()[:8], "big") >> 1
+
+
 def step_rngs(seed: int, step: int | str) -> tuple[random.Random, torch.Generator]:
     """The step's own random streams: Python's for data choices, a torch generator for noise and
     timesteps; torch's global seed is set too, for dropout inside the network."""
-    key = int.from_bytes(hashlib.sha256(f"{seed}:step:{step}".encode()).digest()[:8], "big") >> 1
+    key = stream_key(seed, step)
     torch.manual_seed(key)
     return random.Random(key), torch.Generator().manual_seed(key)
 
@@ -272,22 +277,23 @@ def validation_loss(s: Session, held_out: list[Entry]) -> float:
     across epochs; the network in eval mode (no dropout), no gradient, captions as written."""
     run, base, device = s.run, s.base, s.accelerator.device
     schedule, cfg = base.noise_scheduler, run.loss
-    high = cfg.max_timestep or schedule.config.num_train_timesteps
-    timesteps = [t for t in VALIDATION_TIMESTEPS if cfg.min_timestep <= t < high] or [(cfg.min_timestep + high) // 2]
+    low, high = losses.timestep_range(cfg, schedule.config.num_train_timesteps)
+    timesteps = [t for t in VALIDATION_TIMESTEPS if low <= t < high] or [(low + high) // 2]
     seed = run.training.seed if run.validation.seed is None else run.validation.seed
     total = []
     s.net.eval()
     try:
         with torch.no_grad():
             for entry in held_out:
-                rng, _ = step_rngs(seed, f"validation:{entry.dataset}:{entry.item.rel}")
+                name = f"validation:{entry.dataset}:{entry.item.rel}"
+                rng = random.Random(stream_key(seed, name))
                 latents, sizes = s.latents_of([entry], rng)
                 latents = latents.to(device)
                 caption = pivotal.substitute(entry.item.caption, run.pivotal) if run.pivotal else entry.item.caption
                 with s.accelerator.autocast():
                     text, extra = encode(s, [caption], sizes.to(device))
                 for t in timesteps:
-                    _, generator = step_rngs(seed, f"validation:{entry.dataset}:{entry.item.rel}:{t}")
+                    generator = torch.Generator().manual_seed(stream_key(seed, f"{name}:{t}"))
                     noise = torch.randn(latents.shape, generator=generator).to(latents)
                     t_batch = torch.tensor([t], device=device)
                     target = noise if s.prediction == "epsilon" else schedule.get_velocity(latents, noise, t_batch)

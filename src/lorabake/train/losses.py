@@ -73,12 +73,17 @@ def zero_terminal_snr(noise_scheduler):
     return type(noise_scheduler).from_config(noise_scheduler.config, rescale_betas_zero_snr=True)
 
 
-def sample_timesteps(count: int, cfg: Loss, num_train_timesteps: int, generator: torch.Generator) -> Tensor:
-    """One timestep per image, uniform in [min_timestep, max_timestep) (kohya's range semantics)."""
+def timestep_range(cfg: Loss, num_train_timesteps: int) -> tuple[int, int]:
+    """[min_timestep, max_timestep) as kohya reads them: max defaults to the scheduler's count."""
     high = cfg.max_timestep or num_train_timesteps
     if high > num_train_timesteps:
         raise ValueError(f"loss.max_timestep is {high}, but the base's scheduler has {num_train_timesteps} timesteps")
-    return torch.randint(cfg.min_timestep, high, (count,), generator=generator)
+    return cfg.min_timestep, high
+
+
+def sample_timesteps(count: int, cfg: Loss, num_train_timesteps: int, generator: torch.Generator) -> Tensor:
+    """One timestep per image, uniform in [min_timestep, max_timestep) (kohya's range semantics)."""
+    return torch.randint(*timestep_range(cfg, num_train_timesteps), (count,), generator=generator)
 
 
 # ---------------------------------------------------------------- noise

@@ -54,15 +54,19 @@ def trained_items(run: RunConfig, dataset: Dataset) -> list[ImageItem]:
 
 
 def epoch_entries(run: RunConfig, datasets: dict[str, Dataset]) -> list[Entry]:
-    spec = run.bucket_spec()
-    return [Entry(name, item, buckets.place(item.width, item.height, spec).bucket)
-            for name in run.datasets for item in trained_items(run, datasets[name])]
+    """What one epoch trains on, each image in its bucket."""
+    return _entries(run, datasets, trained_items)
 
 
 def validation_entries(run: RunConfig, datasets: dict[str, Dataset]) -> list[Entry]:
+    """The held-out images the validation loss is measured on, each in its bucket."""
+    return _entries(run, datasets, held_out)
+
+
+def _entries(run: RunConfig, datasets: dict[str, Dataset], items) -> list[Entry]:
     spec = run.bucket_spec()
     return [Entry(name, item, buckets.place(item.width, item.height, spec).bucket)
-            for name in run.datasets for item in held_out(run, datasets[name])]
+            for name in run.datasets for item in items(run, datasets[name])]
 
 
 def batches(entries: list[Entry], batch_size: int, rng: random.Random) -> list[list[Entry]]:
