@@ -115,7 +115,7 @@ XL = CONFIG.replace("{tiny: {builtin: tiny-sd}}", "{tiny: {builtin: tiny-sdxl}}"
 @pytest.mark.parametrize("run, message", [
     ("training: {clip_skip: 2}\n", "clip_skip has no meaning for SDXL"),
     ("network: {block_lr_weights: [" + ", ".join(["1"] * 25) + "]}\n",
-     "network.block_lr_weights has 25 values, the SD1/SD2 block vocabulary; a sdxl base has 23 blocks: give 23 "
+     "network.block_lr_weights has 25 values, the SD1/SD2 block vocabulary; an SDXL base has 23 blocks: give 23 "
      r"values \(EMB, IN00–IN08, MID00–MID02, OUT00–OUT08, OUT\)"),
 ])
 def test_sdxl_refuses_options_it_cannot_honour(tmp_path, run, message):
@@ -129,7 +129,7 @@ def test_block_lists_follow_the_base_architecture(tmp_path):
     it wants; other lengths are refused when the file is read."""
     xl = "network: {block_dims: [" + ", ".join(["4"] * 23) + "]}\npivotal: {token: tok}\n"
     Workspace.load(project(tmp_path, xl, XL))
-    with pytest.raises(ConfigError, match="network.block_dims has 23 values, the SDXL block vocabulary; a sd1 base "
+    with pytest.raises(ConfigError, match="network.block_dims has 23 values, the SDXL block vocabulary; an SD1 base "
                                           "has 25 blocks: give 25 values"):
         Workspace.load(project(tmp_path, xl, CONFIG))
     with pytest.raises(ConfigError, match="needs 25 values on SD1/SD2 .* or 23 on SDXL"):

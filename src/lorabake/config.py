@@ -212,7 +212,7 @@ def block_list_problem(values: list[float] | None, key: str, arch: str) -> str |
     if given in (None, wanted):
         return None
     words, names = VOCABULARIES[wanted]
-    return (f"{key} has {len(values)} values, the {given.upper()} block vocabulary; a {arch} base has "
+    return (f"{key} has {len(values)} values, the {given.upper()} block vocabulary; an {arch.upper()} base has "
             f"{len(names)} blocks: give {len(names)} values ({words})")
 
 
