@@ -67,7 +67,8 @@ def cmd_cache_latents(ws: Workspace, args) -> None:
     latent_store = ws.project.root / paths.latent_store(vae_id, job.spec)
     latents.cache_latents(images, job.spec, job.flip, vae, vae_id, latent_store,
                           ws.project.root / paths.latent_index(args.dataset, args.spec),
-                          meta={"dataset": args.dataset, "spec": args.spec})
+                          meta={"dataset": args.dataset, "spec": args.spec},
+                          folder_flips=ws.folder_flips(args.dataset), mask=job.mask)
 
 
 def free_port() -> int:

@@ -145,6 +145,8 @@ class FolderSettings(Strict):
                                  "[[datasets.subsets]] caption_suffix")
     loss_weight: float = option(1.0, "multiplies the loss of this folder's images", "[[datasets.subsets]] loss_weight",
                                 ge=0.0)
+    flip: bool | None = option(None, "this folder's augment.flip: its images are mirrored at random (true) or "
+                               "never (false), whatever the run says", "[[datasets.subsets]] flip_aug")
 
 
 class DatasetSpec(Strict):
@@ -416,6 +418,21 @@ class Loss(Strict):
     min_timestep: int = option(0, "the smallest timestep trained", "--min_timestep", ge=0)
     max_timestep: int | None = option(None, "train timesteps below this (default: the scheduler's count, 1000)",
                                       "--max_timestep", ge=1)
+    masked: bool = option(False, "masked loss: each latent pixel's loss is multiplied by the image's mask "
+                          "(white 1: trained, black 0: ignored), downsampled to the latents", "--masked_loss")
+    mask_source: Literal["alpha", "folder"] = option(
+        "alpha", "where masks come from: the image's alpha channel (an image without one is trained everywhere, "
+        "as kohya does), or a mask image of the same stem in mask_folder", "[[datasets.subsets]] alpha_mask")
+    mask_folder: str = option("masks", "with mask_source folder: the folder inside each image folder that holds "
+                              "the masks (grayscale, same size and stem as the image, e.g. 10_cat/masks/a.png)",
+                              "[[datasets.subsets]] conditioning_data_dir")
+
+    @field_validator("mask_folder")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        if not name or name != name.strip() or "/" in name or "\\" in name or name.startswith("."):
+            raise ValueError(f"mask_folder must be one folder's name (no slashes, not hidden), got {name!r}")
+        return name
 
     @model_validator(mode="after")
     def _offsets(self) -> "Loss":
@@ -427,7 +444,15 @@ class Loss(Strict):
             raise ValueError(f"max_timestep ({self.max_timestep}) must be above min_timestep ({self.min_timestep})")
         if self.ip_noise_gamma_random_strength and self.ip_noise_gamma is None:
             raise ValueError("ip_noise_gamma_random_strength needs ip_noise_gamma (the most it draws)")
+        if "mask_folder" in self.model_fields_set and self.mask_source != "folder":
+            raise ValueError("mask_folder is read only with mask_source: folder (masks now come from the alpha "
+                             "channel); set mask_source: folder or drop mask_folder")
         return self
+
+    @property
+    def mask_folder_used(self) -> str | None:
+        """The folder masks are read from (masked loss with mask_source folder), else None."""
+        return self.mask_folder if self.masked and self.mask_source == "folder" else None
 
 
 class Captions(Strict):

@@ -66,8 +66,10 @@ def geometry(spec: BucketSpec) -> str:
     return f"{w}x{h}-b{spec.min_size}-{spec.max_size}-s{spec.step}"
 
 
-def latent_spec(base: str, spec: BucketSpec, flip: bool) -> str:
-    return f"{base}-{geometry(spec)}" + ("-flip" if flip else "")
+def latent_spec(base: str, spec: BucketSpec, flip: bool, mask: str | None = None) -> str:
+    """`mask`: the index also names loss masks, from the alpha channel ("alpha") or a mask folder."""
+    masks = "" if mask is None else "-alphamask" if mask == "alpha" else f"-mask-{re.sub(r'[^A-Za-z0-9_.-]', '-', mask)}"
+    return f"{base}-{geometry(spec)}" + ("-flip" if flip else "") + masks
 
 
 def latent_index(dataset: str, spec: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lorabake import paths, store
 from lorabake.checks import check_project
-from lorabake.config import MAX_STEPS, STEPS_WHY, ConfigError, RunConfig
+from lorabake.config import MAX_STEPS, STEPS_WHY, ConfigError, Loss, RunConfig
 from lorabake.data.buckets import BucketSpec
 from lorabake.data.dataset import Dataset, caption_digest, scan_dataset, with_folder_settings
 from lorabake.data.scan_cache import image_sha256
@@ -27,10 +27,11 @@ class LatentJob:
     base: str
     spec: BucketSpec
     flip: bool
+    mask: str | None = None  # loss masks cached too: "alpha", or the mask folder's name
 
     @property
     def name(self) -> str:
-        return paths.latent_spec(self.base, self.spec, self.flip)
+        return paths.latent_spec(self.base, self.spec, self.flip, self.mask)
 
 
 class Workspace:
@@ -50,10 +51,30 @@ class Workspace:
         key = f"{name}{caption_extension}"
         if key not in self._datasets:
             scanned = scan_dataset(self.project.dataset_root(name), name, caption_extension,
-                                   cache_file=self.project.root / paths.scan_cache(name))
+                                   cache_file=self.project.root / paths.scan_cache(name),
+                                   mask_folders=self.mask_folder_names, mask_folder=self.mask_folder(name))
             self._datasets[key] = with_folder_settings(scanned, self.project.file.datasets[name].folders,
                                                        f"{self.project.config_file}: datasets.{name}")
         return self._datasets[key]
+
+    @cached_property
+    def mask_folder_names(self) -> frozenset[str]:
+        """Subfolders of image folders that hold masks, in every dataset: the default and each run's."""
+        return frozenset({Loss().mask_folder} |
+                         {cfg.loss.mask_folder for cfg in self.project.runs.values()})
+
+    def mask_folder(self, dataset: str) -> str | None:
+        """The folder the dataset's masks are read from, when a run reads them (loss.mask_source folder).
+        One per dataset: its images are then scanned with their masks for every run (an unmasked run
+        ignores them), so the scan cache keeps the masks' facts from one parse to the next."""
+        users = {run: cfg.loss.mask_folder_used for run, cfg in self.project.runs.items()
+                 if dataset in cfg.datasets and cfg.loss.mask_folder_used}
+        folders = sorted(set(users.values()))
+        if len(folders) > 1:
+            raise ConfigError(f"dataset {dataset}: its runs read masks from different folders ("
+                              + ", ".join(f"{run}: loss.mask_folder {folder}" for run, folder in sorted(users.items()))
+                              + "); use one mask folder per dataset")
+        return folders[0] if folders else None
 
     def run_datasets(self, run: str) -> dict[str, Dataset]:
         cfg = self.project.runs[run]
@@ -75,7 +96,29 @@ class Workspace:
     # ------------------------------------------------------------ latents
     def latent_job(self, run: str, dataset: str) -> LatentJob:
         cfg = self.project.runs[run]
-        return LatentJob(dataset, cfg.base, cfg.bucket_spec(), cfg.augment.flip)
+        mask = None if not cfg.loss.masked else cfg.loss.mask_folder_used or "alpha"
+        return LatentJob(dataset, cfg.base, cfg.bucket_spec(), cfg.augment.flip, mask)
+
+    def folder_flips(self, dataset: str) -> dict[str, bool]:
+        """The dataset's folders with their own flip (datasets.<ds>.folders.<folder>.flip), by folder."""
+        folders = self.project.file.datasets[dataset].folders
+        return {folder: own.flip for folder, own in sorted(folders.items()) if own.flip is not None}
+
+    def latent_params(self, dataset: str, spec: str) -> str | dict:
+        """What decides a latent index besides the base: the images (a digest), and, where set, the
+        folders' own flips and the masks' contents. Without those it is the image digest alone, as
+        before either existed, so no existing cache reruns."""
+        job = self.latent_jobs.get((dataset, spec))
+        flips = self.folder_flips(dataset)
+        if job is None or (not flips and job.mask is None):
+            return self.image_digest(dataset)
+        return {"images": self.image_digest(dataset), "folder_flips": flips,
+                "masks": self.mask_digest(dataset) if job.mask not in (None, "alpha") else job.mask}
+
+    def mask_digest(self, dataset: str) -> str:
+        """Digest of the mask files' contents (mask_source folder): an edited mask reruns what reads it."""
+        return store.digest([(item.rel, image_sha256(item.mask) if item.mask else None)
+                             for item in self.dataset(dataset).items])
 
     @cached_property
     def latent_jobs(self) -> dict[tuple[str, str], LatentJob]:
@@ -155,10 +198,21 @@ class Workspace:
     def train_params(self, run: str) -> dict:
         """Everything besides input files that decides a run's bytes: rebuild when it changes."""
         resolved = self.run(run).identity()
-        folders = {ds: self.project.file.datasets[ds].model_dump(mode="json")["folders"] for ds in self.run(run).datasets}
-        return {"config": store.digest(resolved), "captions": self.caption_digests(run), "folders": folders,
-                "images": {} if self.run(run).caches_latents else {ds: self.image_digest(ds) for ds in self.run(run).datasets},
-                "trainer_version": TRAINER_VERSION * 1000 + self.project.file.trainer_version}
+        cfg = self.run(run)
+        folders = {ds: self.folder_params(ds) for ds in cfg.datasets}
+        params = {"config": store.digest(resolved), "captions": self.caption_digests(run), "folders": folders,
+                  "images": {} if cfg.caches_latents else {ds: self.image_digest(ds) for ds in cfg.datasets},
+                  "trainer_version": TRAINER_VERSION * 1000 + self.project.file.trainer_version}
+        if cfg.loss.mask_folder_used:  # like captions: an edited mask retrains (alpha masks are the images')
+            params["masks"] = {ds: self.mask_digest(ds) for ds in cfg.datasets}
+        return params
+
+    def folder_params(self, dataset: str) -> dict:
+        """The dataset's folder settings as the train digest takes them; a folder's flip only when set,
+        so runs from before the key existed keep their digest."""
+        folders = self.project.file.datasets[dataset].model_dump(mode="json")["folders"]
+        return {folder: {key: value for key, value in own.items() if key != "flip" or value is not None}
+                for folder, own in folders.items()}
 
     # ------------------------------------------------------------ comparisons
     def comparison_inputs(self, name: str) -> dict[str, list[str]]:

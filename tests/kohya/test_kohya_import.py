@@ -115,11 +115,14 @@ def test_sd_scripts_loha_with_a_dataset_toml(loha):
     why = reasons(loha)
     # sd-scripts hands --network_dropout to LyCORIS, whose LoHa modules ignore it: nothing to switch on
     assert why["network_dropout"].startswith(NOTHING_LOST) and "ignored" in why["network_dropout"]
-    assert "disagree" in why["datasets[0].subsets[0].flip_aug"] and run.augment.flip is False
+    # the subsets disagree on flip_aug: the subset that flips does so on its own folder
+    assert targets(loha)["datasets[0].subsets[0].flip_aug"] == ["datasets.lbk-dog-loha.folders.10_lbk_dog dog.flip"]
+    assert run.augment.flip is False
     assert why["network_args.preset"].startswith("approximate")
     assert why["my_experimental_flag"].startswith("no lorabake equivalent")
     # a subset's caption_prefix lands on its own folder (datasets.<ds>.folders)
-    assert loha.datasets["lbk-dog-loha"]["folders"] == {"reg/1_dog": {"caption_prefix": "photo of"}}
+    assert loha.datasets["lbk-dog-loha"]["folders"] == {"reg/1_dog": {"caption_prefix": "photo of"},
+                                                        "10_lbk_dog dog": {"flip": True}}
     assert "datasets[0].subsets[1].caption_prefix" not in why
     assert run.loss.zero_terminal_snr and run.training.max_grad_norm == 1.0
 
@@ -308,7 +311,7 @@ def test_written_run_loads_with_the_project_loader(tmp_path, loha):
     assert project.runs["lbk-dog-loha"] == RunConfig.model_validate(loha.run)
     report = (runs / "lbk-dog-loha.kohya-import.md").read_text()
     assert "| `network_args.conv_dim` | `network.conv_dim` | `4` |" in report
-    assert "`datasets/lbk-dog-loha/reg/1_dog/`" in report and "disagree" in report
+    assert "`datasets/lbk-dog-loha/reg/1_dog/`" in report and "folders.10_lbk_dog dog.flip" in report
     suggested = re.search(r"```yaml\n(.*?)```", report, re.S).group(1)
     assert yaml.safe_load(suggested)["bases"] == loha.bases
 
@@ -356,3 +359,33 @@ def test_subsets_that_disagree_keep_their_settings_per_folder(tmp_path):
     assert "keep_tokens" not in result.run.get("captions", {})  # no single run-wide value to pick
     from lorabake.config import DatasetSpec
     DatasetSpec.model_validate({"path": "datasets/x", "folders": folders})  # what config.yaml accepts
+
+
+def masked_import(tmp_path, main: str, subsets: list[str]):
+    config, dataset = tmp_path / "run.toml", tmp_path / "dataset.toml"
+    config.write_text('pretrained_model_name_or_path = "/models/sd15.safetensors"\nnetwork_module = "networks.lora"\n'
+                      f'max_train_steps = 100\n{main}')
+    dataset.write_text("[[datasets]]\nresolution = 512\n" + "".join(
+        f'  [[datasets.subsets]]\n  image_dir = "/data/{i + 1}_c{i}"\n{extra}' for i, extra in enumerate(subsets)))
+    result = import_kohya(config, dataset)
+    return result, RunConfig.model_validate(result.run)
+
+
+def test_masked_loss_and_alpha_masks_come_over(tmp_path):
+    # alpha_mask on every subset: kohya masks with the alpha channel (masked_loss or not)
+    result, run = masked_import(tmp_path, "", ['  alpha_mask = true\n', '  alpha_mask = true\n'])
+    assert (run.loss.masked, run.loss.mask_source) == (True, "alpha")
+    assert targets(result)["datasets[0].subsets[0].alpha_mask"] == ["loss.mask_source"]
+    # on one subset only: still alpha masks, reported as approximate (lorabake reads every image's alpha)
+    result, run = masked_import(tmp_path, "masked_loss = true\n", ['  alpha_mask = true\n', ''])
+    assert (run.loss.masked, run.loss.mask_source) == (True, "alpha")
+    assert reasons(result)["datasets[0].subsets[0].alpha_mask"].startswith("approximate")
+    assert targets(result)["masked_loss"] == ["loss.masked"]
+    # masked_loss with conditioning images: masks from a folder, and a note on where they go
+    result, run = masked_import(tmp_path, "masked_loss = true\n", ['  conditioning_data_dir = "/data/masks"\n'])
+    assert (run.loss.masked, run.loss.mask_source, run.loss.mask_folder) == (True, "folder", "masks")
+    assert targets(result)["datasets[0].subsets[0].conditioning_data_dir"] == ["loss.mask_folder"]
+    assert any("conditioning_data_dir's images into masks/" in note for note in result.notes)
+    # masked_loss alone masks nothing in kohya
+    result, run = masked_import(tmp_path, "masked_loss = true\n", [''])
+    assert run.loss.masked is False and reasons(result)["masked_loss"].startswith(NOTHING_LOST)

@@ -112,6 +112,50 @@ def draw(latents: torch.Tensor, cfg: Loss, seed: int = 0) -> tuple[torch.Tensor,
     return noise, plain
 
 
+def half_mask() -> torch.Tensor:
+    """(2, 1, 8, 8) masks: the left half of each latent trained, the right half ignored."""
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., :4] = 1.0
+    return mask
+
+
+@pytest.mark.parametrize("options", [{}, {"min_snr_gamma": 5.0, "prior_loss_weight": 0.5}, {"type": "huber"}])
+def test_masked_loss_ignores_the_masked_out_pixels_entirely(scheduler, options):
+    """Two batches alike inside the mask and different outside it give the same loss and the same
+    gradient, which is zero outside the mask; Min-SNR, prior and folder weights still apply per image."""
+    cfg = Loss(**options)
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 4, 8, 8, generator=generator)
+    inside = torch.randn(2, 4, 8, 8, generator=generator)
+    outside_a, outside_b = (torch.randn(2, 4, 8, 8, generator=generator) * 5 for _ in range(2))
+    mask = half_mask()
+    timesteps, is_reg, weights = torch.tensor([100, 700]), torch.tensor([False, True]), torch.tensor([1.0, 0.3])
+    results = []
+    for outside in (outside_a, outside_b):
+        prediction = torch.where(mask.bool(), inside, outside).requires_grad_(True)
+        loss = losses.training_loss(prediction, target, timesteps, is_reg, cfg, scheduler, "epsilon", weights, mask)
+        loss.backward()
+        results.append((loss, prediction.grad))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert loss_a.item() == loss_b.item() and torch.equal(grad_a, grad_b)
+    assert grad_a[..., 4:].abs().max() == 0 and grad_a[..., :4].abs().max() > 0
+    unmasked = losses.training_loss(torch.where(mask.bool(), inside, outside_a), target, timesteps, is_reg, cfg,
+                                    scheduler, "epsilon", weights)
+    assert unmasked.item() != loss_a.item()  # without the mask the outside counts
+    # kohya's order: loss × mask, the mean over every element, then the per-image weights
+    half = losses.training_loss(inside[..., :4], target[..., :4], timesteps, is_reg, cfg, scheduler, "epsilon", weights)
+    assert loss_a.item() == pytest.approx(half.item() / 2, rel=1e-5)
+
+
+def test_masks_of_another_size_are_area_averaged_to_the_loss(scheduler):
+    fine = torch.zeros(2, 1, 16, 16)
+    fine[..., :8] = 1.0  # the left half again, at twice the size
+    prediction, target = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    args = (torch.tensor([10, 20]), torch.tensor([False, False]), Loss(), scheduler, "epsilon")
+    assert losses.training_loss(prediction, target, *args, masks=fine).item() == pytest.approx(
+        losses.training_loss(prediction, target, *args, masks=half_mask()).item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["huber", "smooth_l1"])
 def test_pseudo_huber_is_l2_for_small_residuals_and_linear_for_large(scheduler, kind):
     c = 0.1

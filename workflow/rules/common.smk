@@ -92,6 +92,10 @@ def get_image_digest(wildcards):
     return WS.image_digest(wildcards.ds)
 
 
+def get_latent_params(wildcards):
+    return WS.latent_params(wildcards.ds, wildcards.spec)
+
+
 def get_report_params(wildcards):
     return WS.report_params(wildcards.ds)
 

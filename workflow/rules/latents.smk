@@ -5,7 +5,7 @@ rule cache_latents:
     output:
         index=paths.latent_index("{ds}", "{spec}"),
     params:
-        images=get_image_digest,
+        images=get_latent_params,
         cli=LORABAKE,
     log:
         paths.job_log("cache_latents", "{ds}", "{spec}"),

@@ -24,6 +24,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Collection
 
 from PIL import Image
 
@@ -68,6 +69,8 @@ class ImageItem:
     keep_tokens: int | None = None
     shuffle: bool | None = None
     loss_weight: float = 1.0
+    flip: bool | None = None
+    mask: Path | None = None  # the mask file (loss.mask_source folder), when the scan was asked for masks
 
 
 @dataclass(frozen=True)
@@ -182,11 +185,15 @@ class _Problems:
 
 
 def scan_dataset(root: Path, name: str, caption_extension: str = ".txt",
-                 cache_file: Path | None = None) -> Dataset:
+                 cache_file: Path | None = None, mask_folders: Collection[str] = (),
+                 mask_folder: str | None = None) -> Dataset:
     """Read and validate a whole dataset folder; raise one DatasetError listing every problem.
 
     With `cache_file` (paths.scan_cache), what each file gave is remembered there and reused
-    while the file's size and mtime stay the same (lorabake.data.scan_cache)."""
+    while the file's size and mtime stay the same (lorabake.data.scan_cache). Folders named in
+    `mask_folders` inside an image folder hold loss masks and are not read as images; with
+    `mask_folder`, every image must have its mask there (same stem, same size), which its item
+    then names."""
     root = Path(root)
     _require_root(root)
     root = root.resolve()
@@ -194,9 +201,10 @@ def scan_dataset(root: Path, name: str, caption_extension: str = ".txt",
     cache = ScanCache.open(root, Path(cache_file) if cache_file is not None else None)
     problems = _Problems()
     _check_loose_files(root, problems)
+    masks = _MaskFolders(frozenset(mask_folders) | ({mask_folder} if mask_folder else set()), mask_folder)
     items = []
     for folder, is_reg in _image_folders(root):
-        items += _scan_folder(folder, root, is_reg, caption_extension.lower(), cache, problems)
+        items += _scan_folder(folder, root, is_reg, caption_extension.lower(), cache, problems, masks)
     cache.save()  # before raising: the files that were fine need not be read again after a fix
     if not any(not item.is_reg for item in items):
         problems.add("no training images; add images to <root>/<repeats>_<concept>/", str(root))
@@ -241,11 +249,18 @@ def _parse_folder_name(folder: Path, problems: _Problems) -> tuple[int, str]:
     return repeats, concept
 
 
+@dataclass(frozen=True)
+class _MaskFolders:
+    names: frozenset[str]  # subfolders of image folders that hold masks, not images
+    required: str | None  # the one whose masks this scan pairs with the images
+
+
 def _scan_folder(folder: Path, root: Path, is_reg: bool, caption_extension: str, cache: ScanCache,
-                 problems: _Problems) -> list[ImageItem]:
+                 problems: _Problems, masks: _MaskFolders) -> list[ImageItem]:
     repeats, concept = _parse_folder_name(folder, problems)
     folder_rel = folder.relative_to(root).as_posix()
-    images, captions = _pair_files(folder, caption_extension, problems)
+    images, captions = _pair_files(folder, caption_extension, problems, masks.names)
+    mask_of = _pair_masks(folder, folder_rel, images, masks.required, cache, problems) if masks.required else {}
     items = []
     for image in images:
         rel = f"{folder_rel}/{image.name}"
@@ -253,18 +268,52 @@ def _scan_folder(folder: Path, root: Path, is_reg: bool, caption_extension: str,
         caption_file = captions.get(_stem(image.name))
         caption = (_caption_text(caption_file, f"{folder_rel}/{caption_file.name}", cache, problems)
                    if caption_file else concept)
+        mask = mask_of.get(image.name)
+        if mask is not None and facts is not None and (mask[1].width, mask[1].height) != (facts.width, facts.height):
+            problems.add("masks of another size than their image (a mask must match its image pixel for pixel)",
+                         f"{mask[0]} ({mask[1].width}x{mask[1].height}; {image.path} is {facts.width}x{facts.height})")
         if facts is not None and caption is not None:
             caption, cut = _capped(caption, caption_file.path) if caption_file else (caption, False)
             items.append(ImageItem(
                 path=Path(image.path), rel=rel, folder=folder_rel,
                 repeats=repeats, concept=concept, caption=caption,
                 has_caption_file=caption_file is not None, is_reg=is_reg,
-                width=facts.width, height=facts.height, caption_cut=cut))
+                width=facts.width, height=facts.height, caption_cut=cut,
+                mask=mask[0] if mask is not None else None))
     return items
 
 
-def _pair_files(folder: Path, caption_extension: str,
-                problems: _Problems) -> tuple[list[os.DirEntry], dict[str, os.DirEntry]]:
+def _pair_masks(folder: Path, folder_rel: str, images: list[os.DirEntry], mask_folder: str, cache: ScanCache,
+                problems: _Problems) -> dict[str, tuple[Path, ImageFacts]]:
+    """Each image's mask in `folder/mask_folder/` (same stem, any image extension) and its facts, by
+    the image's name; an image without one, a mask without an image, and anything else there are
+    problems."""
+    where = folder / mask_folder
+    found: dict[str, os.DirEntry] = {}
+    if where.is_dir():
+        for entry in _visible_entries(where, problems.skipped):
+            if entry.is_file() and _is_image_name(entry.name):
+                found[_stem(entry.name)] = entry
+            else:
+                problems.add(f"files in a mask folder that are not images ({', '.join(IMAGE_EXTENSIONS)})", entry.path)
+    paired = {}
+    for image in images:
+        entry = found.pop(_stem(image.name), None)
+        if entry is None:
+            problems.add(f"images without a mask (loss.masked with mask_source folder reads each image's mask from "
+                         f"{mask_folder}/ in its folder, same name; white is trained, black ignored)",
+                         f"{image.path} (expected {where / _stem(image.name)}.png)")
+            continue
+        facts = _image_facts(entry, f"{folder_rel}/{mask_folder}/{entry.name}", cache, problems)
+        if facts is not None:
+            paired[image.name] = (Path(entry.path), facts)
+    for entry in found.values():
+        problems.add("masks with no image of the same name; add the image or delete the mask", entry.path)
+    return paired
+
+
+def _pair_files(folder: Path, caption_extension: str, problems: _Problems,
+                mask_folders: frozenset[str] = frozenset()) -> tuple[list[os.DirEntry], dict[str, os.DirEntry]]:
     """The folder's images and its captions keyed by stem; anything else is a problem."""
     images, captions = [], {}
     for entry in _visible_entries(folder, problems.skipped):
@@ -275,9 +324,11 @@ def _pair_files(folder: Path, caption_extension: str,
             captions[entry.name[: -len(caption_extension)]] = entry
         elif is_file and os.path.splitext(entry.name)[1].lower() in CAPTION_EXTENSIONS:
             problems.other_captions.append(entry.path)
+        elif entry.is_dir() and entry.name in mask_folders:
+            continue  # loss masks (loss.mask_folder), read by a scan that asks for them
         elif entry.is_dir():
             problems.add("folders inside an image folder, which kohya does not read; move their "
-                         "images up or delete them", entry.path)
+                         "images up or delete them (or name them as loss.mask_folder, if they hold masks)", entry.path)
         elif not _is_image_name(entry.name):
             problems.add(f"unsupported files (images must be {', '.join(IMAGE_EXTENSIONS)}; captions "
                          f"must end in {caption_extension}); convert, rename or delete them", entry.path)
@@ -359,7 +410,7 @@ def _capped(caption: str, path: str) -> tuple[str, bool]:
 
 def with_folder_settings(dataset: Dataset, folders: dict, where: str) -> Dataset:
     """The dataset with each configured folder's settings applied to its images (repeats, caption
-    prefix/suffix, keep_tokens, shuffle, loss weight); a folder the dataset lacks is an error naming `where`."""
+    prefix/suffix, keep_tokens, shuffle, loss weight, flip); a folder the dataset lacks is an error naming `where`."""
     if not folders:
         return dataset
     present = {item.folder for item in dataset.items}
@@ -374,7 +425,7 @@ def with_folder_settings(dataset: Dataset, folders: dict, where: str) -> Dataset
             return item
         caption = " ".join(part for part in (own.caption_prefix, item.caption, own.caption_suffix) if part)
         return replace(item, repeats=own.num_repeats or item.repeats, caption=caption, keep_tokens=own.keep_tokens,
-                       shuffle=own.shuffle, loss_weight=own.loss_weight)
+                       shuffle=own.shuffle, loss_weight=own.loss_weight, flip=own.flip)
 
     return replace(dataset, items=tuple(applied(item) for item in dataset.items))
 

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from lorabake.kohya.bookkeeping import FolderPlan, _Importer
+from lorabake.kohya.bookkeeping import FolderPlan, _Importer, _put
 from lorabake.kohya.readers import _Subset
 from lorabake.kohya.values import Entry, _boolean, _integer, _number, _resolution, _text, _unset
 from lorabake.kohya.vocabulary import DATASET_DEFAULTS, DATASET_SETTINGS, MAIN_NAME
@@ -34,6 +34,39 @@ def _map_datasets(imp: _Importer, subsets: list[_Subset], base_dir: Path, from_t
         _plan_subset_folders(imp, subsets, names)
     else:
         _plan_kohya_folders(imp, names[0], base_dir)
+    _map_masks(imp, subsets)
+
+
+def _map_masks(imp: _Importer, subsets: list[_Subset]) -> None:
+    """kohya masks the loss when any subset has alpha_mask (the others get all-ones masks), or with
+    --masked_loss from each subset's conditioning_data_dir; lorabake's loss.masked reads one source
+    for the whole run: the alpha channel, or mask files in masks/ inside each image folder."""
+    masked = imp.take("masked_loss")
+    alphas = [_layered(s, "alpha_mask") for s in subsets]
+    on = [e for e in alphas if e is not None and _boolean(e)]
+    folders = [e for e in (_layered(s, "conditioning_data_dir") for s in subsets) if e is not None]
+    if on:
+        partly = None if len(on) == len(subsets) else ("kohya reads the alpha channel of the alpha_mask subsets only; "
+                                                       "lorabake reads every image's (an image without one trains "
+                                                       "everywhere, as kohya's other subsets do)")
+        _put(imp.run, "loss.masked", True)
+        for entry in {e.label: e for e in on}.values():
+            imp.set(entry, "loss.mask_source", "alpha", partly)
+        if masked is not None and _boolean(masked):
+            imp.record(masked, "loss.masked", True)
+        elif masked is not None:
+            imp.skip(masked, "nothing lost: kohya masks the loss of alpha_mask subsets whatever masked_loss says")
+        for entry in folders:
+            imp.skip(entry, "lorabake reads one mask source per run: the alpha channel (alpha_mask) was kept")
+    elif masked is not None and _boolean(masked) and folders:
+        imp.set(masked, "loss.masked", True)
+        _put(imp.run, "loss.mask_source", "folder")
+        for entry in {e.label: e for e in folders}.values():
+            imp.record(entry, "loss.mask_folder", "masks")
+        imp.notes.append("loss.masked reads each image's mask from masks/ inside its image folder (same name): copy "
+                         "every conditioning_data_dir's images into masks/ of its subset's folder.")
+    elif masked is not None and _boolean(masked):
+        imp.skip(masked, "nothing lost: kohya's masked_loss masks nothing without alpha_mask or conditioning_data_dir")
 
 
 def _in_layers(subset: _Subset, key: str) -> list[Entry]:
@@ -107,8 +140,9 @@ def _concept(image_dir: str) -> str:
 
 
 # Subset settings lorabake keeps per folder (datasets.<ds>.folders.<folder>.<key>): the prefix and
-# suffix always, keep_tokens and shuffle when the subsets disagree on them (imp.per_folder).
-FOLDER_SETTINGS = {"keep_tokens": ("keep_tokens", _integer), "shuffle_caption": ("shuffle", _boolean)}
+# suffix always, keep_tokens, shuffle and flip when the subsets disagree on them (imp.per_folder).
+FOLDER_SETTINGS = {"keep_tokens": ("keep_tokens", _integer), "shuffle_caption": ("shuffle", _boolean),
+                   "flip_aug": ("flip", _boolean)}
 FOLDER_KEYS = {"caption_prefix": ("caption_prefix", _text), "caption_suffix": ("caption_suffix", _text),
                **FOLDER_SETTINGS}
 

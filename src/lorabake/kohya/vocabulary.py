@@ -79,6 +79,7 @@ LORABAKE_KEYS: dict[str, str] = {
     "caption_dropout_rate": "captions.dropout_rate", "caption_dropout_every_n_epochs": "captions.dropout_every_n_epochs",
     "caption_tag_dropout_rate": "captions.tag_dropout_rate", "weighted_captions": "captions.weighted",
     "flip_aug": "augment.flip", "color_aug": "augment.color", "random_crop": "augment.random_crop",
+    "masked_loss": "loss.masked", "alpha_mask": "loss.mask_source", "conditioning_data_dir": "loss.mask_folder",
     "max_resolution": "resolution", "resolution": "resolution", "enable_bucket": "buckets.enabled",
     "min_bucket_reso": "buckets.min", "max_bucket_reso": "buckets.max", "bucket_reso_steps": "buckets.step",
     "bucket_no_upscale": "buckets.no_upscale",
@@ -217,7 +218,7 @@ NOT_CARRIED: dict[str, tuple[str, ...]] = {
         "text_encoder_batch_size",),
     "not available in lorabake: the run will differ from kohya's here": (
         "noise_offset_random_strength",
-        "scale_v_pred_loss_like_noise_pred", "masked_loss", "alpha_mask",
+        "scale_v_pred_loss_like_noise_pred",
         "fp8_base", "fp8_base_unet", "face_crop_aug_range", "token_warmup_min", "token_warmup_step",
         "keep_tokens_separator", "secondary_separator", "enable_wildcard",
         "lr_scheduler_args", "lr_scheduler_type", "lr_decay_steps", "lr_scheduler_min_lr_ratio",
@@ -226,7 +227,7 @@ NOT_CARRIED: dict[str, tuple[str, ...]] = {
         "base_weights", "base_weights_multiplier", "network_multiplier", "no_token_padding", "save_last_n_steps",
         "save_last_n_epochs_state", "save_last_n_steps_state", "save_state_on_train_end", "save_n_epoch_ratio",
         "vae", "perlin_noise", "resize_interpolation", "validate_every_n_steps", "max_validation_steps",
-        "custom_attributes", "dataset_repeats", "in_json", "metadata_file", "conditioning_data_dir",
+        "custom_attributes", "dataset_repeats", "in_json", "metadata_file",
         "train_on_input",
         "conv_block_dims", "conv_block_alphas", "wd_on_output"),
 }

@@ -100,7 +100,8 @@ def training_facts(s: Session) -> dict[str, str]:
             "ss_network_dropout": f"{run.network.dropout:g}",
             "ss_gradient_checkpointing": str(run.training.gradient_checkpointing),
             "ss_cache_text_encoder_outputs": str(run.training.cache_text_encoder_outputs),
-            "ss_max_grad_norm": str(run.training.max_grad_norm), **loss_facts(run),
+            "ss_max_grad_norm": str(run.training.max_grad_norm), "ss_masked_loss": str(run.loss.masked),
+            **loss_facts(run),
             "ss_validation_split": str(run.validation.split if run.validation else 0.0),
             "ss_validation_seed": str(run.validation.seed if run.validation else None)}
 

@@ -113,8 +113,8 @@ def setup(inputs: RunInputs) -> Session:
         model.to(accelerator.device)
     optimizer = accelerator.prepare(optimizer)  # fp16: gradient scaling; otherwise a thin wrapper
     net.train()
-    latents_of = CachedLatents(inputs.indexes, run.augment.flip, run.bucket_spec()) if run.caches_latents \
-        else PixelLatents(base.vae, run)
+    latents_of = CachedLatents(inputs.indexes, run.augment.flip, run.bucket_spec(), run.loss.masked) \
+        if run.caches_latents else PixelLatents(base.vae, run)
     session = Session(inputs, plan, base, net, embeddings, optimizer, scheduler, accelerator, latents_of,
                       losses.prediction_type(run.loss, base.noise_scheduler))
     session.ema = ema_weights(net) if run.ema is not None else None
@@ -233,8 +233,8 @@ def micro_batch_loss(s: Session, batch: list[Entry], epoch: int, step: int,
     run, base, device = s.run, s.base, s.accelerator.device
     schedule = base.noise_scheduler
     mine = slice(s.accelerator.process_index, None, s.world)
-    # Fetch the latents (cached ones, or encoded now from augmented pixels) and their sizes.
-    latents, sizes = s.latents_of(batch, rng)
+    # Fetch the latents (cached ones, or encoded now from augmented pixels), their sizes and masks.
+    latents, sizes, masks = s.latents_of(batch, rng)
     # Caption as this epoch sees it (shuffled, dropped, pivotal tokens in).
     texts = [caption_of(entry, run, rng, epoch) for entry in batch]
     # Sample noise (offset / multires as configured) and a timestep per image.
@@ -257,7 +257,8 @@ def micro_batch_loss(s: Session, batch: list[Entry], epoch: int, step: int,
     is_reg = torch.tensor([entry.item.is_reg for entry in batch[mine]], device=device)
     weights = [entry.item.loss_weight for entry in batch[mine]]
     loss = losses.training_loss(prediction, target, timesteps, is_reg, run.loss, schedule, s.prediction,
-                                None if all(w == 1.0 for w in weights) else torch.tensor(weights, device=device))
+                                None if all(w == 1.0 for w in weights) else torch.tensor(weights, device=device),
+                                None if masks is None else masks[mine].to(device))
     return loss if s.world == 1 else loss * (len(texts) / len(batch))
 
 
@@ -287,7 +288,7 @@ def validation_loss(s: Session, held_out: list[Entry]) -> float:
             for entry in held_out:
                 name = f"validation:{entry.dataset}:{entry.item.rel}"
                 rng = random.Random(stream_key(seed, name))
-                latents, sizes = s.latents_of([entry], rng)
+                latents, sizes, masks = s.latents_of([entry], rng)
                 latents = latents.to(device)
                 caption = pivotal.substitute(entry.item.caption, run.pivotal) if run.pivotal else entry.item.caption
                 with s.accelerator.autocast():
@@ -301,8 +302,8 @@ def validation_loss(s: Session, held_out: list[Entry]) -> float:
                         prediction = base.unet(schedule.add_noise(latents, noise, t_batch), t_batch, text,
                                                added_cond_kwargs=extra).sample
                     not_reg = torch.zeros(1, dtype=torch.bool, device=device)
-                    total.append(losses.training_loss(prediction, target, t_batch, not_reg, cfg, schedule,
-                                                      s.prediction).item())
+                    total.append(losses.training_loss(prediction, target, t_batch, not_reg, cfg, schedule, s.prediction,
+                                                      masks=None if masks is None else masks.to(device)).item())
     finally:
         s.net.train()
     return sum(total) / len(total)

@@ -7,9 +7,11 @@
 - Timesteps: uniform in [min_timestep, max_timestep); the schedule optionally rescaled to a zero
   terminal SNR (Lin et al. 2023, diffusers' `rescale_betas_zero_snr`, as kohya's --zero_terminal_snr).
 - Loss: per element L2, L1 or pseudo-Huber (kohya's `conditional_loss`, with its per-timestep
-  threshold schedules), the per-image mean, regularization images weighted by `prior_loss_weight`,
-  then Min-SNR weights (Hang et al. 2023), the v-prediction-like term and the debiased-estimation
-  weights (kohya's `post_process_loss`), then the batch mean — the order of kohya's train_network.py.
+  threshold schedules), times the image's mask with masked loss (kohya's `apply_masked_loss`: a
+  masked-out latent pixel adds nothing, and the mean still divides by every pixel), the per-image
+  mean, regularization images weighted by `prior_loss_weight`, then Min-SNR weights (Hang et al.
+  2023), the v-prediction-like term and the debiased-estimation weights (kohya's `post_process_loss`),
+  then the batch mean — the order of kohya's train_network.py.
 - Max-norm: after each optimizer step, every module whose weight update ΔW is longer than
   `scale_weight_norms` (Frobenius norm) is scaled back to it, as kohya's `apply_max_norm_regularization`
   (networks/lora.py) does.
@@ -179,17 +181,30 @@ def _plain_mse(cfg: Loss) -> bool:
             and cfg.v_pred_like_loss is None and not cfg.debiased_estimation)
 
 
+def masked(loss: Tensor, masks: Tensor) -> Tensor:
+    """The elementwise loss times the masks (B, 1, h, w), each channel alike; masks of another size
+    are area-averaged to the loss's, as kohya resizes them."""
+    masks = masks.to(loss)
+    if masks.shape[-2:] != loss.shape[-2:]:
+        masks = F.interpolate(masks, size=loss.shape[-2:], mode="area")
+    return loss * masks
+
+
 def training_loss(prediction: Tensor, target: Tensor, timesteps: Tensor, is_reg: Tensor, cfg: Loss,
-                  noise_scheduler, prediction_type: str, image_weights: Tensor | None = None) -> Tensor:
-    """The step's scalar loss: the elementwise loss's mean per image, regularization images times
-    prior_loss_weight and each image times its folder's loss_weight (`image_weights`), then Min-SNR,
-    v-prediction-like and debiased weights as set, then the batch mean."""
-    if _plain_mse(cfg) and image_weights is None:
+                  noise_scheduler, prediction_type: str, image_weights: Tensor | None = None,
+                  masks: Tensor | None = None) -> Tensor:
+    """The step's scalar loss: the elementwise loss (times each image's mask, with `masks`), its
+    mean per image, regularization images times prior_loss_weight and each image times its folder's
+    loss_weight (`image_weights`), then Min-SNR, v-prediction-like and debiased weights as set, then
+    the batch mean."""
+    if _plain_mse(cfg) and image_weights is None and masks is None:
         # Every image weighs the same, and the mean of equal-sized per-image means is the plain mean:
         # computing it directly keeps runs without these options bit-identical to plain MSE.
         return F.mse_loss(prediction.float(), target.float())
     threshold = huber_threshold(cfg, timesteps, noise_scheduler) if cfg.type in ("huber", "smooth_l1") else None
     per_image = elementwise_loss(prediction, target, cfg, threshold)
+    if masks is not None:
+        per_image = masked(per_image, masks)
     per_image = per_image.mean(dim=tuple(range(1, per_image.dim())))
     per_image = per_image * torch.where(is_reg.to(per_image.device), cfg.prior_loss_weight, 1.0)
     if image_weights is not None:
