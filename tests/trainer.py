@@ -1,8 +1,11 @@
 """Train runs of the demo project in-process, for tests that look at what an option did."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -16,6 +19,17 @@ QUICK = {"training": {"max_steps": 8, "batch_size": 2}, "save": {"precision": "f
 # The option tests train at 64 px (8×8 latents, every demo image in one 64×64 bucket): a step costs
 # a quarter of one at the demo's 128 px, and what an option does shows the same at either size.
 RESOLUTION = 64
+
+
+@contextlib.contextmanager
+def working_in(project: Path) -> Iterator["Trainer"]:
+    """A Trainer for `project`, with the project root as working directory while inside."""
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        yield Trainer(project)
+    finally:
+        os.chdir(cwd)
 
 
 class Trainer:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from lorabake import cli, paths
 from lorabake.config import ConfigError
 from lorabake.tools import lora_tools
 from lorabake.workspace import Workspace
-from trainer import Trainer
+from trainer import Trainer, working_in
 
 RUN = "ema-source"
 EPOCHS = [1, 2, 3, 4]
@@ -24,16 +23,10 @@ EPOCHS = [1, 2, 3, 4]
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     """A real run on the two-image dataset `other` (one step per epoch), an fp32 file per epoch."""
-    project = make_project(tmp_path_factory.mktemp("ema") / "project")
-    cwd = os.getcwd()
-    os.chdir(project)
-    try:
-        trainer = Trainer(project)
+    with working_in(make_project(tmp_path_factory.mktemp("ema") / "project")) as trainer:
         trainer.train(RUN, {"datasets": ["other"], "training": {"max_steps": None, "epochs": 4, "batch_size": 4},
                             "optimizer": {"lr": 1.0e-2}, "save": {"every_n_epochs": 1}})
         yield trainer
-    finally:
-        os.chdir(cwd)
 
 
 def with_emas(trainer: Trainer, *entries: dict) -> Workspace:

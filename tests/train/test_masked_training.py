@@ -2,7 +2,6 @@
 trains), an image without alpha trains as unmasked, and the mask files decide what retrains."""
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
@@ -14,7 +13,7 @@ from lorabake.data.dataset import DatasetError
 from lorabake.workspace import Workspace
 
 from conftest import FIXTURE, make_project
-from trainer import Trainer
+from trainer import working_in
 
 SQUARES = FIXTURE / "datasets" / "demo" / "3_lbk_square"
 
@@ -52,12 +51,8 @@ def trainer(tmp_path_factory):
     config["datasets"].update(halves={"path": "datasets/halves", "folders": {"2_lbk_square": {"flip": True}}},
                               hidden={"path": "datasets/hidden"})
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    cwd = os.getcwd()
-    os.chdir(project)
-    try:
-        yield Trainer(project)
-    finally:
-        os.chdir(cwd)
+    with working_in(project) as trainer:
+        yield trainer
 
 
 FAST = {"training": {"max_steps": 4, "batch_size": 2}, "optimizer": {"type": "adamw", "lr": 1e-2}}

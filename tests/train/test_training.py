@@ -16,18 +16,13 @@ from lorabake.train import loop, plan
 from lorabake.workspace import Workspace
 
 from conftest import make_project
-from trainer import Trainer, eval_loss, fixed_batch
+from trainer import Trainer, eval_loss, fixed_batch, working_in
 
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("training") / "project")
-    cwd = os.getcwd()
-    os.chdir(project)
-    try:
-        yield Trainer(project)
-    finally:
-        os.chdir(cwd)
+    with working_in(make_project(tmp_path_factory.mktemp("training") / "project")) as trainer:
+        yield trainer
 
 
 def base_with(trainer: Trainer, lora=None) -> bases.Base:
