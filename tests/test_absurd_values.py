@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from lorabake.cli import tag_frequency
-from lorabake.config import MAX_SEED, ConfigError
+from lorabake.config import ConfigError
+from lorabake.config_fields import MAX_SEED
 from lorabake.data.buckets import BucketSpec
 from lorabake.data.dataset import CAPTION_CHARS, scan_dataset
 from lorabake.project import load_project

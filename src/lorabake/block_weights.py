@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorabake.config import BLOCKS, block_names
+from lorabake.unet_blocks import BLOCKS, block_names
 
 LBW17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID") + tuple(f"OUT{i:02d}" for i in range(3, 12))
 LBW26 = ("BASE",) + BLOCKS

@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorabake import block_weights as lbw
-from lorabake.config import BUILTIN_ARCHITECTURES, SCORED_BUILTINS, ConfigError, block_list_problem
+from lorabake.config import BUILTIN_ARCHITECTURES, SCORED_BUILTINS, ConfigError
 from lorabake.models import keys
 from lorabake.models.keys import PICKLE_SUFFIXES, HeaderError
 from lorabake.project import Project
+from lorabake.unet_blocks import block_list_problem
 
 
 def check_project(project: Project) -> Project:

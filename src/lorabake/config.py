@@ -5,99 +5,29 @@
 follow kohya's vocabulary. Unknown keys are refused. Reading the files, sweeps and cross-references
 are `lorabake.project`'s; checks that open a checkpoint are `lorabake.checks`'.
 
-Sizes have bounds far past any real setting (about ten times the largest of the SDXL era), each with
-its reason in the error: they refuse typos and absurd values before any job, where the code would
-otherwise hang, overflow, or fail at save after hours of training.
+Sizes have bounds far past any real setting, each with its reason in the error (lorabake.config_fields,
+with `Strict` and `option`); per-block lists use lorabake.unet_blocks' vocabularies.
 
-The bottom floor: this module imports no torch and nothing of lorabake but names, buckets, prompts
-and the optimizer vocabulary (lorabake.optimizers).
+The bottom floor: this module imports no torch and nothing of lorabake but names, buckets, prompts,
+its two helper modules and the optimizer vocabulary (lorabake.optimizers).
 """
 from __future__ import annotations
 
-import math
 import re
 import warnings
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from lorabake import names, optimizers
+from lorabake import optimizers
+from lorabake.config_fields import (MAX_BATCH, MAX_EPOCHS, MAX_PROCESSES, MAX_RANK, MAX_SEED, MAX_STEPS, PROCESSES_WHY,
+                                    RANK_WHY, SEED_WHY, SIDE_WHY, STEPS_WHY, Strict, option)
 from lorabake.data.buckets import MAX_SIDE, BucketSpec
-from lorabake.prompts import Prompt
-
-# A config name that becomes part of a path under results/ (a key of bases or datasets, a merge's
-# name, …): refused while the config is read, before anything is written.
-Name = Annotated[str, AfterValidator(names.safe_name)]
+from lorabake.unet_blocks import _per_block, block_list_problem
 
 
 class ConfigError(ValueError):
     """A config problem a user can fix; the message names the file and the key path."""
-
-
-# ---------------------------------------------------------------- bounds
-# Each is about ten times the largest real setting; the reason is part of the error message.
-MAX_EPOCHS = 100_000
-MAX_STEPS = 10_000_000
-STEPS_WHY = ("the largest fine-tunes run about a million steps, and 10 million steps at 10 steps/s "
-             "are 12 days on one GPU")
-MAX_RANK = 10_240
-RANK_WHY = ("no SD1, SD2 or SDXL weight has more than 10,240 rows or columns (the UNet's feed-forward), "
-            "so a larger rank adds nothing")
-MAX_BATCH = 1024
-MAX_PROCESSES = 1024
-PROCESSES_WHY = "lorabake starts them on one machine, and the largest have 8 to 16 GPUs or a few hundred cores"
-MAX_SEED = 2**32 - 1
-SEED_WHY = ("seeds are 0 to 2^32 - 1, as in kohya (numpy's seed) and A1111; torch overflows past 2^64 "
-            "and maps a negative seed onto a positive one")
-SIDE_WHY = f"{MAX_SIDE} px is 8x SDXL's 1024 (a 1024x1024 latent), far past any real run or render"
-SIDE_BOUND = {"least": 64, "most": MAX_SIDE, "why": f"sides are 64 px (8 latent pixels) or more; {SIDE_WHY}"}
-# What a sample prompt is parsed against when the config is checked: the options it sets itself are then
-# the only values that can be out of bounds.
-PROMPT_CHECK_DEFAULTS = Prompt("", "", 512, 512, 0, 7.5, 20)
-
-
-def check_bounds(value: Any, bound: dict[str, Any]) -> Any:
-    """`value` (a number, or each number of a list or pair) within bound's least..most, else a
-    ValueError that says the bound and why."""
-    least = -math.inf if bound["least"] is None else bound["least"]
-    for number in value if isinstance(value, (list, tuple)) else (value,):
-        if number is None or least <= number <= bound["most"]:
-            continue
-        problem = ("not a number" if math.isnan(number) else
-                   f"less than {_number(least)}, the least lorabake accepts" if number < least else
-                   f"more than {_number(bound['most'])}, the most lorabake accepts")
-        raise ValueError(f"{_number(number)} is {problem}: {bound['why']}")
-    return value
-
-
-def _number(value: float) -> str:
-    return f"{value:,}" if isinstance(value, int) and abs(value) < 10**15 else f"{value:.3g}"
-
-
-def option(default: Any, description: str, kohya: str | None = None, *, most: float | None = None,
-           why: str = "", least: float | None = None, **constraints: Any) -> Any:
-    """A config field with the text the option reference (docs/options.md) prints for it. With
-    `most`, values outside least..most are refused with `why` (Strict._within_bounds); pydantic's own
-    `ge`/`gt` constraints keep the ordinary lower bounds."""
-    extra: dict[str, Any] = {"kohya": kohya} if kohya else {}
-    if most is not None:
-        extra["bound"] = {"least": least, "most": most, "why": why}
-        description += f"; {_number(least)} to {_number(most)}" if least is not None else f"; at most {_number(most)}"
-    extra = extra or None
-    if callable(default):
-        return Field(default_factory=default, description=description, json_schema_extra=extra, **constraints)
-    return Field(default, description=description, json_schema_extra=extra, **constraints)
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @field_validator("*")
-    @classmethod
-    def _within_bounds(cls, value: Any, info) -> Any:
-        """Fields declared with `option(..., most=…, why=…)` are checked against their bound."""
-        extra = cls.model_fields[info.field_name].json_schema_extra
-        return check_bounds(value, extra["bound"]) if isinstance(extra, dict) and "bound" in extra else value
 
 
 # ---------------------------------------------------------------- project-level entries
@@ -176,46 +106,7 @@ class Buckets(Strict):
 
 
 ALGOS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "full", "glora", "diag-oft", "boft")
-# The UNet's blocks, as the original (CompVis / sgm) UNet numbers them. SD1/SD2: 12 input blocks, the
-# middle block, 12 output blocks (kohya's and LBW's 25). SDXL: kohya's 23 of sdxl_train's --block_lr and
-# its LoRA's block_dims: the time/label embedding, 9 input blocks, the middle block's 3 parts, 9 output
-# blocks and the final norm/conv (`out`). See models/blocks.py for which layer falls in which.
-BLOCKS = tuple([f"IN{i:02d}" for i in range(12)] + ["MID"] + [f"OUT{i:02d}" for i in range(12)])
-SDXL_BLOCKS = tuple(["EMB"] + [f"IN{i:02d}" for i in range(9)] + [f"MID{i:02d}" for i in range(3)]
-                    + [f"OUT{i:02d}" for i in range(9)] + ["OUT"])
-VOCABULARIES = {"sd1/sd2": ("IN00–IN11, MID, OUT00–OUT11", BLOCKS),
-                "sdxl": ("EMB, IN00–IN08, MID00–MID02, OUT00–OUT08, OUT", SDXL_BLOCKS)}
 PRECISIONS = Literal["fp16", "bf16", "fp32"]
-
-
-def block_names(arch: str) -> tuple[str, ...]:
-    """The block vocabulary of an architecture (sd1, sd2 or sdxl)."""
-    return SDXL_BLOCKS if arch == "sdxl" else BLOCKS
-
-
-def vocabulary_of(values: list[float]) -> str | None:
-    """Which vocabulary ("sd1/sd2" or "sdxl") a per-block list's length is, or None."""
-    return next((name for name, (_, names) in VOCABULARIES.items() if len(values) == len(names)), None)
-
-
-def _per_block(values: list[float] | None, key: str) -> list[float] | None:
-    if values is not None and vocabulary_of(values) is None:
-        raise ValueError(f"{key} needs {len(BLOCKS)} values on SD1/SD2 ({VOCABULARIES['sd1/sd2'][0]}) or "
-                         f"{len(SDXL_BLOCKS)} on SDXL ({VOCABULARIES['sdxl'][0]}, kohya's order), got {len(values)}")
-    return values
-
-
-def block_list_problem(values: list[float] | None, key: str, arch: str) -> str | None:
-    """A per-block list whose length is the other architecture's vocabulary, said with what to give."""
-    if values is None or not arch:
-        return None
-    wanted = "sdxl" if arch == "sdxl" else "sd1/sd2"
-    given = vocabulary_of(values)
-    if given in (None, wanted):
-        return None
-    words, names = VOCABULARIES[wanted]
-    return (f"{key} has {len(values)} values, the {given.upper()} block vocabulary; an {arch.upper()} base has "
-            f"{len(names)} blocks: give {len(names)} values ({words})")
 
 
 class Network(Strict):

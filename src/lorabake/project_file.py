@@ -11,11 +11,13 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from lorabake import block_weights as lbw, names
-from lorabake.config import (MAX_RANK, MAX_SEED, PROMPT_CHECK_DEFAULTS, RANK_WHY, SEED_WHY, SIDE_BOUND, BaseSpec,
-                             DatasetSpec, Name, Strict, _per_block, check_bounds, option)
+from lorabake.config import BaseSpec, DatasetSpec
+from lorabake.config_fields import (MAX_RANK, MAX_SEED, PROMPT_CHECK_DEFAULTS, RANK_WHY, SEED_WHY, SIDE_BOUND, Name,
+                                    Strict, check_bounds, option)
 from lorabake.data.buckets import MAX_SIDE
 from lorabake.prompts import FIELDS as PROMPT_OPTIONS, parse_prompt
 from lorabake.samplers import SAMPLERS, canonical
+from lorabake.unet_blocks import _per_block
 
 
 # ---------------------------------------------------------------- samples, merges, extracts

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from lorabake import paths, store
 from lorabake.checks import check_project
-from lorabake.config import MAX_STEPS, STEPS_WHY, ConfigError, Loss, RunConfig
+from lorabake.config import ConfigError, Loss, RunConfig
+from lorabake.config_fields import MAX_STEPS, STEPS_WHY
 from lorabake.data.buckets import BucketSpec
 from lorabake.data.dataset import Dataset, caption_digest, scan_dataset, with_folder_settings
 from lorabake.data.scan_cache import image_sha256

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorabake.config import ALGOS, BLOCKS, Network
+from lorabake.config import ALGOS, Network
 from lorabake.models import bases, network
 from lorabake.models.blocks import block_of
+from lorabake.unet_blocks import BLOCKS
 
 # Which tensor tells each algo's files apart (lycoris detects the algo from it when loading).
 SIGNATURE = {"lora": "lora_down.weight", "locon": "lora_down.weight", "dylora": "lora_down.weight",

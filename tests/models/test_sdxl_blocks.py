@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lorabake import block_weights as lbw
-from lorabake.config import SDXL_BLOCKS, Network
+from lorabake.config import Network
+from lorabake.unet_blocks import SDXL_BLOCKS
 from lorabake.models import bases, network
 from lorabake.models.blocks import block_of
 

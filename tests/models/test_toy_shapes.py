@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lorabake import store
-from lorabake.config import BLOCKS, Network
+from lorabake.config import Network
+from lorabake.unet_blocks import BLOCKS
 from lorabake.models import bases, network, toy_world
 from lorabake.models.blocks import block_of
 from lorabake.render import scorer

@@ -13,6 +13,7 @@ import torch
 from lorabake import cli, config, paths, project
 from lorabake.models import bases, network
 from lorabake.train import loop, plan
+from lorabake.unet_blocks import BLOCKS
 from lorabake.workspace import Workspace
 
 from conftest import make_project
@@ -131,9 +132,9 @@ def test_stop_text_encoder_at_freezes_it_from_that_step(trainer):
 
 def test_block_lr_weights_scale_and_zero_blocks_keep_the_base(trainer):
     weights = [1.0] * 25
-    weights[config.BLOCKS.index("IN01")] = 0.0     # kohya: weight 0 → no module, the block stays the base
-    weights[config.BLOCKS.index("IN02")] = 0.5
-    weights[config.BLOCKS.index("IN04")] = 0.05    # under the threshold below → no module either
+    weights[BLOCKS.index("IN01")] = 0.0     # kohya: weight 0 → no module, the block stays the base
+    weights[BLOCKS.index("IN02")] = 0.5
+    weights[BLOCKS.index("IN04")] = 0.05    # under the threshold below → no module either
     result = trainer.train("block-lr", {"network": {"block_lr_weights": weights, "block_lr_zero_threshold": 0.1},
                                         "optimizer": {"lr": 1e-3}})
     trained = result.weights()

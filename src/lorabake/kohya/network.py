@@ -4,12 +4,13 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from lorabake.config import ALGOS, BLOCKS, LYCORIS_ARGS, SDXL_BLOCKS
+from lorabake.config import ALGOS, LYCORIS_ARGS
 from lorabake.kohya.bookkeeping import _Importer, _lorabake_default, _put, _reason_not_carried
 from lorabake.kohya.values import (Entry, KohyaImportError, _boolean, _integer, _key_value_args, _number, _numbers,
                                    _off, _text)
 from lorabake.kohya.vocabulary import (GUI_ARG_NAMES, GUI_NETWORK_KEYS, GUI_NETWORKS, LYCORIS_MODULE, MODULES,
                                        SPECIFIC_REASONS, TUCKER_ALIASES, NetworkKind)
+from lorabake.unet_blocks import BLOCKS, SDXL_BLOCKS
 
 
 def _network_source(imp: _Importer) -> tuple[Entry | None, str, str | None, dict[str, Entry]]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 
-from lorabake.config import BLOCKS, SDXL_BLOCKS, block_names
+from lorabake.unet_blocks import BLOCKS, SDXL_BLOCKS, block_names
 
 LAYERS_PER_LEVEL = 3  # the original UNet's input/output blocks per resolution level
 UNET_PREFIX = re.compile(r"^(?:lora_unet_)?")

@@ -26,8 +26,9 @@ from PIL import Image
 
 from lorabake import paths, store
 from lorabake.block_weights import BlockWeights
-from lorabake.config import Pivotal, block_names
+from lorabake.config import Pivotal
 from lorabake.prompts import Prompt
+from lorabake.unet_blocks import block_names
 
 CELL_VERSION = 1  # bump when rendering changes pixels for the same key: every cell renders again
 

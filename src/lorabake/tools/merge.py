@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from lorabake import store
-from lorabake.config import block_list_problem
 from lorabake.models import bases, lora_format, network, sd_layout
 from lorabake.models.blocks import block_values
+from lorabake.unet_blocks import block_list_problem
 
 
 @dataclass(frozen=True)
