@@ -248,6 +248,13 @@ class Training(Strict):
                                           "--gradient_checkpointing")
     attention: Literal["sdpa", "eager"] = option("sdpa", "attention kernel: torch scaled_dot_product_attention "
                                                  "or the plain matmul", "--sdpa")
+    channels_last: bool = option(False, "keep the UNet's weights and inputs in channels-last memory format (faster "
+                                 "convolutions on tensor-core GPUs; the same numbers)")
+    compile: bool = option(False, "torch.compile the UNet's forward (the first steps compile, later ones run faster "
+                           "on a GPU)", "--torch_compile")
+    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = option(
+        "inductor", "torch.compile backend (inductor generates kernels and needs a C++ compiler on the CPU; "
+        "aot_eager needs none)", "--dynamo_backend")
     cache_text_encoder_outputs: bool = option(False, "encode each distinct caption once and reuse it, in this run "
                                               "and later ones on the same base (results/cache/text/; the text "
                                               "encoders must be frozen: train_text_encoder false, no pivotal)",

@@ -292,3 +292,13 @@ def test_the_bitsandbytes_kernel_notice_never_reaches_a_job_log():
                                "from kernels-community: %s.", ("no network",), None)
     other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1, "another warning", (), None)
     assert [logger.filter(record) for record in (notice, other)] == [False, True]
+
+
+def test_adamw_is_fused_on_cuda_unless_the_config_says_otherwise():
+    """torch's one-kernel AdamW on CUDA (the same update, fewer launches); the CPU keeps the default path,
+    so CPU runs keep their bytes; `optimizer.args: {fused: false}` opts out."""
+    params = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    assert optim.make_optimizer("adamw", params, 1e-3, {}, device="cuda").defaults["fused"] is True
+    assert not optim.make_optimizer("adamw", params, 1e-3, {}, device="cpu").defaults["fused"]
+    assert optim.make_optimizer("adamw", params, 1e-3, {"fused": False}, device="cuda").defaults["fused"] is False
+    assert "fused" not in optim.make_optimizer("lion", params, 1e-4, {}, device="cuda").defaults

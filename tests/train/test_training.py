@@ -1,6 +1,7 @@
 """Each training option does what it says: checked on what real training of the tiny model writes."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -535,3 +536,43 @@ def test_cached_text_encoder_outputs_train_as_the_encoder_does(trainer, monkeypa
     assert len(list(store.rglob("*.safetensors"))) == 2 * len(encoded)
     with pytest.raises(ValueError, match="cache_text_encoder_outputs reuses the text encoders' outputs"):
         config.RunConfig.model_validate({"datasets": ["demo"], "training": {"cache_text_encoder_outputs": True}})
+
+
+def test_channels_last_and_compile_train_what_the_plain_path_trains(trainer):
+    """The speed options change how the UNet runs, not what it computes: a training step's loss is the
+    plain run's within float tolerance (compile through aot_eager: dynamo and AOTAutograd, no C++
+    compiler needed on the CPU)."""
+    settings = {"training": {"max_steps": 1, "batch_size": 2}}
+    plain = trainer.train("speed-plain", settings)
+    for name, options in (("speed-channels-last", {"channels_last": True}),
+                          ("speed-compiled", {"compile": True, "compile_backend": "aot_eager"})):
+        fast = trainer.train(name, project.deep_merge(settings, {"training": options}))
+        assert fast.records[0]["loss"] == pytest.approx(plain.records[0]["loss"], rel=1e-5)
+        assert fast.records[0]["grad_norm"] == pytest.approx(plain.records[0]["grad_norm"], rel=1e-2)
+
+
+def test_channels_last_and_compiled_unets_give_the_plain_gradients():
+    """The same UNet called through loop.unet_caller: outputs and every weight's gradient as the plain
+    call's, to rounding. At 128 px: at 64 px the tiny UNet's middle block sees 1×1 latents, where
+    GroupNorm normalizes two numbers and its gradient turns rounding into noise."""
+    torch.manual_seed(0)
+    reference = bases.tiny_unet()
+    generator = torch.Generator().manual_seed(1)
+    sample, context = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    timesteps = torch.tensor([10, 700])
+
+    def gradients(options: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        unet = copy.deepcopy(reference)
+        run = config.RunConfig.model_validate({"datasets": ["demo"], "training": options})
+        if run.training.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        out = loop.unet_caller(unet, run)(sample, timesteps, context).sample
+        out.pow(2).mean().backward()
+        return out.detach(), [p.grad for p in unet.parameters()]
+
+    plain_out, plain_grads = gradients({})
+    for options in ({"channels_last": True}, {"compile": True, "compile_backend": "aot_eager"}):
+        out, grads = gradients(options)
+        torch.testing.assert_close(out, plain_out, rtol=1e-4, atol=1e-5)
+        for ours, theirs in zip(grads, plain_grads, strict=True):
+            assert (ours - theirs).norm() <= 1e-3 * theirs.norm() + 1e-8, options

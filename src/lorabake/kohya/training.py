@@ -65,6 +65,8 @@ SIMPLE: dict[str, tuple[str, Callable[[Entry], Any]]] = {
     "cache_text_encoder_outputs": ("training.cache_text_encoder_outputs", _boolean),
     "sdxl_cache_text_encoder_outputs": ("training.cache_text_encoder_outputs", _boolean),
     "cache_text_encoder_outputs_to_disk": ("training.cache_text_encoder_outputs", _boolean),
+    "torch_compile": ("training.compile", _boolean),
+    "dynamo_backend": ("training.compile_backend", _one_of("inductor", "aot_eager", "eager", "cudagraphs")),
     "loss_type": ("loss.type", _one_of("l2", "l1", "huber", "smooth_l1")),
     "huber_c": ("loss.huber_c", _number),
     "huber_schedule": ("loss.huber_schedule", _one_of("constant", "exponential", "snr")),

@@ -106,17 +106,21 @@ def setup(inputs: RunInputs) -> Session:
     if run.training.full_precision:
         net.to(dtype=autocast_dtype(run))
     groups = param_groups(net, embeddings, run, base.arch)
-    optimizer = optim.make_optimizer(run.optimizer.type, groups, run.optimizer.lr, run.optimizer.args)
+    optimizer = optim.make_optimizer(run.optimizer.type, groups, run.optimizer.lr, run.optimizer.args,
+                                     accelerator.device.type)
     scheduler = optim.make_scheduler(run.scheduler.type, optimizer, plan.total_steps, run.scheduler.warmup,
                                      run.scheduler.cycles, run.scheduler.power)
     for model in (base.unet, *base.text_encoders, net) + ((base.vae,) if base.vae is not None else ()):
         model.to(accelerator.device)
+    if run.training.channels_last:
+        base.unet.to(memory_format=torch.channels_last)
     optimizer = accelerator.prepare(optimizer)  # fp16: gradient scaling; otherwise a thin wrapper
     net.train()
     latents_of = CachedLatents(inputs.indexes, run.augment.flip, run.bucket_spec(), run.loss.masked) \
         if run.caches_latents else PixelLatents(base.vae, run)
     session = Session(inputs, plan, base, net, embeddings, optimizer, scheduler, accelerator, latents_of,
                       losses.prediction_type(run.loss, base.noise_scheduler))
+    session.unet = unet_caller(base.unet, run)
     session.ema = ema_weights(net) if run.ema is not None else None
     if run.training.cache_text_encoder_outputs:
         session.text_cache = TextCache.for_run(inputs.root, base.id, base.arch, run.training, run.captions.weighted,
@@ -146,6 +150,15 @@ def configure_models(base: bases.Base, run: RunConfig) -> None:
             for text_encoder in base.text_encoders:
                 text_encoder.gradient_checkpointing_enable()
                 text_encoder.train()
+
+
+def unet_caller(unet, run: RunConfig):
+    """The UNet as the steps call it: compiled (training.compile, with its backend) or as it is, and
+    with channels-last inputs under training.channels_last. Files are written from the module itself."""
+    call = torch.compile(unet, backend=run.training.compile_backend) if run.training.compile else unet
+    if not run.training.channels_last:
+        return call
+    return lambda sample, *args, **kwargs: call(sample.contiguous(memory_format=torch.channels_last), *args, **kwargs)
 
 
 def autocast_dtype(run: RunConfig) -> torch.dtype:
@@ -253,7 +266,7 @@ def micro_batch_loss(s: Session, batch: list[Entry], epoch: int, step: int,
     noisy_latents = schedule.add_noise(latents, noised_with, timesteps)
     target = noise if s.prediction == "epsilon" else schedule.get_velocity(latents, noise, timesteps)
     with s.accelerator.autocast():
-        prediction = base.unet(noisy_latents, timesteps, text, added_cond_kwargs=extra).sample
+        prediction = s.unet(noisy_latents, timesteps, text, added_cond_kwargs=extra).sample
     is_reg = torch.tensor([entry.item.is_reg for entry in batch[mine]], device=device)
     weights = [entry.item.loss_weight for entry in batch[mine]]
     loss = losses.training_loss(prediction, target, timesteps, is_reg, run.loss, schedule, s.prediction,
@@ -299,7 +312,7 @@ def validation_loss(s: Session, held_out: list[Entry]) -> float:
                     t_batch = torch.tensor([t], device=device)
                     target = noise if s.prediction == "epsilon" else schedule.get_velocity(latents, noise, t_batch)
                     with s.accelerator.autocast():
-                        prediction = base.unet(schedule.add_noise(latents, noise, t_batch), t_batch, text,
+                        prediction = s.unet(schedule.add_noise(latents, noise, t_batch), t_batch, text,
                                                added_cond_kwargs=extra).sample
                     not_reg = torch.zeros(1, dtype=torch.bool, device=device)
                     total.append(losses.training_loss(prediction, target, t_batch, not_reg, cfg, schedule, s.prediction,

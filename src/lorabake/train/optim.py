@@ -12,12 +12,15 @@ from lorabake.optimizers import OPTIMIZER_SPECS, check_args, check_pairing, impo
 
 # ---------------------------------------------------------------- building the optimizer
 
-def make_optimizer(type: str, param_groups: list[dict], lr: float, args: dict[str, Any]):
+def make_optimizer(type: str, param_groups: list[dict], lr: float, args: dict[str, Any], device: str = "cpu"):
     """The optimizer over `param_groups` (each may carry its own "lr"; other keys such as "name" stay in
-    the group), with kohya's defaults and fixed args added to `args`."""
+    the group), with kohya's defaults and fixed args added to `args`. On CUDA, torch's AdamW runs as one
+    fused kernel unless `args` say `fused: false` (the CPU keeps the default foreach path: its bytes)."""
     check_args(type, args)
     spec = OPTIMIZER_SPECS[type]
     kwargs = keyword_args(type, args)
+    if type == "adamw" and device == "cuda":
+        kwargs.setdefault("fused", True)
     groups = [dict(group) for group in param_groups]  # the caller's dicts stay as they were
     if relative_step(type, kwargs):
         _drop_group_lrs(groups)

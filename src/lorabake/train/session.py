@@ -45,6 +45,7 @@ class Session:
     kept: list[str] = field(default_factory=list)  # epoch/step files a resume must find again
     ema: dict[str, torch.Tensor] | None = None  # the network's moving average (run.ema), fp32
     text_cache: TextCache | None = None  # with training.cache_text_encoder_outputs
+    unet: object = None                  # the UNet as the steps call it (loop.unet_caller): compiled, channels-last
 
     @property
     def run(self) -> RunConfig:
