@@ -75,29 +75,43 @@ PEAK_TFLOPS = [("H100 PCIe", {"bf16": 756.0, "fp32": 51.2}), ("H100 NVL", {"bf16
 
 # ---------------------------------------------------------------- the models, random weights
 
-def build_base(arch: str, tokenizer_dir: Path) -> bases.Base:
+def build_base(arch: str, tokenizer_dir: Path, tiny: bool = False) -> bases.Base:
     """The full-size UNet and text encoder(s) of `arch` from lorabake's shipped configs, randomly
-    initialised (no VAE: latents are random too), in eval mode and frozen, as `bases.load_base` gives them."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    initialised (no VAE: latents are random too), in eval mode and frozen, as `bases.load_base` gives
+    them; with `tiny`, lorabake's tiny-sd / tiny-sdxl models instead (a smoke test of this script)."""
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
 
-    folder, lorabake_arch = ARCHS[arch]
-    configs = MODEL_CONFIGS / folder
+    lorabake_arch = ARCHS[arch][1]
     torch.manual_seed(SEED)
-    unet = UNet2DConditionModel.from_config(json.loads((configs / "unet" / "config.json").read_text()))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json"))
-    text_encoder_2 = tokenizer_2 = None
+    models = tiny_models(arch) if tiny else full_size_models(arch)
+    scheduler = DDPMScheduler.from_config(models.pop("scheduler"))
+    for model in models.values():
+        model.eval().requires_grad_(False)
     bases.write_tokenizers(tokenizer_dir, lorabake_arch)
-    if lorabake_arch == "sdxl":
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(configs / "text_encoder_2" / "config.json"))
-        tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer_2")
-    for model in (unet, text_encoder, text_encoder_2):
-        if model is not None:
-            model.eval().requires_grad_(False)
-    scheduler = DDPMScheduler.from_config(json.loads((configs / "scheduler" / "scheduler_config.json").read_text()))
-    return bases.Base(id=f"random-{arch}", arch=lorabake_arch, unet=unet, vae=None, text_encoder=text_encoder,
-                      tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer"), noise_scheduler=scheduler,
-                      text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer_2") if lorabake_arch == "sdxl" else None
+    return bases.Base(id=f"random-{arch}", arch=lorabake_arch, vae=None, noise_scheduler=scheduler,
+                      tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer"), tokenizer_2=tokenizer_2,
+                      **models)
+
+
+def full_size_models(arch: str) -> dict:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    configs = MODEL_CONFIGS / ARCHS[arch][0]
+    models = {"unet": UNet2DConditionModel.from_config(json.loads((configs / "unet" / "config.json").read_text())),
+              "text_encoder": CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json")),
+              "scheduler": json.loads((configs / "scheduler" / "scheduler_config.json").read_text())}
+    if (configs / "text_encoder_2").is_dir():
+        config_2 = CLIPTextConfig.from_json_file(configs / "text_encoder_2" / "config.json")
+        models["text_encoder_2"] = CLIPTextModelWithProjection(config_2)
+    return models
+
+
+def tiny_models(arch: str) -> dict:
+    spec = bases.TINY["tiny-sdxl" if arch == "sdxl" else "tiny-sd"]
+    return {"scheduler": spec.scheduler, **{name: make() for name, make in spec.parts if name != "vae"}}
 
 
 def count_parameters(model: torch.nn.Module | None) -> int:
@@ -106,10 +120,11 @@ def count_parameters(model: torch.nn.Module | None) -> int:
 
 # ---------------------------------------------------------------- the run, as lorabake sees it
 
-def run_config(resolution: int, batch: int, precision: str, steps: int) -> RunConfig:
+def run_config(resolution: int, batch: int, precision: str, steps: int, bypass: bool = False) -> RunConfig:
     return RunConfig.model_validate({
         "datasets": ["bench"], "resolution": resolution, "buckets": {"enabled": False},
-        "network": {**LORA, "train_unet": True, "train_text_encoder": True},
+        "network": {**LORA, "train_unet": True, "train_text_encoder": True,
+                    "args": {"bypass_mode": True} if bypass else {}},
         "optimizer": {"type": "adamw", "lr": LR}, "scheduler": {"type": "constant"},
         "training": {"batch_size": batch, "mixed_precision": PRECISIONS[precision], "max_steps": steps,
                      "max_grad_norm": 1.0, "seed": SEED},
@@ -314,9 +329,9 @@ def side_figures(seconds: list[float], batch: int, flops: int, peak: float | Non
 
 
 def measure(base, net, arch: str, resolution: int, batch: int, precision: str, steps: int, warmup: int,
-            device: torch.device) -> dict:
+            device: torch.device, bypass: bool = False) -> dict:
     """Build both loops for one configuration, warm them up, count one step's FLOPs, time them."""
-    run = run_config(resolution, batch, precision, steps=warmup + steps + 1)
+    run = run_config(resolution, batch, precision, warmup + steps + 1, bypass)
     entries, latents_of = bench_batch(resolution, batch)
     session = lorabake_session(base, net, run, latents_of, device)
     bare = BareLoop.over(base, net, run, precision, device)
@@ -376,6 +391,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="autocast dtype (weights stay fp32, as lorabake trains); fp16 needs CUDA")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each loop")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each loop first")
+    parser.add_argument("--bypass", action="store_true",
+                        help="lycoris' bypass mode (x·Wᵀ + up(down(x))) instead of its default W + ΔW per call")
+    parser.add_argument("--tiny", action="store_true", help="lorabake's tiny-sd / tiny-sdxl instead of the "
+                        "full-size models: a smoke test of this script, not a benchmark")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on a CPU)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON file the invocation is appended to")
@@ -391,9 +410,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads or 1)
     began = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        base = build_base(args.arch, Path(tmp))
-    loop.configure_models(base, run_config(args.resolution, 1, "fp32", 1))  # frozen, SDPA attention
-    net = network.create_network(base.unet, base.te, run_config(args.resolution, 1, "fp32", 1).network, SEED)
+        base = build_base(args.arch, Path(tmp), args.tiny)
+    settings = run_config(args.resolution, 1, "fp32", 1, args.bypass)
+    loop.configure_models(base, settings)  # frozen, SDPA attention
+    net = network.create_network(base.unet, base.te, settings.network, SEED)
     for model in (base.unet, *base.text_encoders, net):
         model.to(device)
     print(f"{args.arch}: built in {time.monotonic() - began:.0f} s on {device_name(device)}", flush=True)
@@ -401,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     for precision in args.precision:
         for batch in args.batch:
             try:
-                rows.append(measure(base, net, args.arch, args.resolution, batch, precision, args.steps, args.warmup, device))
+                rows.append(measure(base, net, args.arch, args.resolution, batch, precision, args.steps, args.warmup,
+                                    device, args.bypass))
             except torch.OutOfMemoryError:
                 rows.append({"arch": args.arch, "resolution": args.resolution, "batch": batch,
                              "precision": precision, "oom": True})
@@ -425,7 +446,8 @@ def write_results(args, device: torch.device, base: bases.Base, net, rows: list[
         "mfu_note": None if device.type == "cuda" else "no known peak FLOP/s for a CPU: MFU is null",
         "parameters": {"unet": count_parameters(base.unet), "text_encoders": sum(map(count_parameters, base.text_encoders)),
                        "lora": sum(p.numel() for p in net.parameters())},
-        "lora": LORA, "lr": LR, "caption": CAPTION, "wall_s": round(wall_s, 1), "rows": rows,
+        "lora": LORA, "bypass_mode": args.bypass, "tiny_models": args.tiny, "lr": LR, "caption": CAPTION,
+        "wall_s": round(wall_s, 1), "rows": rows,
     }
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {"invocations": []}
     previous["invocations"].append(invocation)
