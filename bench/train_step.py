@@ -354,7 +354,10 @@ def measure(base, net, arch: str, resolution: int, batch: int, precision: str, s
             "peak_flops": peak, "last_loss": session.records[-1]["loss"] if session.records else None}
 
 
-def release(device: torch.device) -> None:
+def release(net, device: torch.device) -> None:
+    """Free what a configuration left (an out-of-memory step leaves its gradients behind)."""
+    for p in net.parameters():
+        p.grad = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -386,7 +389,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--arch", choices=list(ARCHS), default="sd15")
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (latents are 1/8)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes, each its own configuration")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1],
+                        help="batch sizes, each its own configuration, smallest first; the first that runs out of "
+                        "memory ends the list")
     parser.add_argument("--precision", choices=list(PRECISIONS), nargs="+", default=["bf16"],
                         help="autocast dtype (weights stay fp32, as lorabake trains); fp16 needs CUDA")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each loop")
@@ -419,15 +424,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.arch}: built in {time.monotonic() - began:.0f} s on {device_name(device)}", flush=True)
     rows = []
     for precision in args.precision:
-        for batch in args.batch:
+        for batch in sorted(args.batch):
             try:
                 rows.append(measure(base, net, args.arch, args.resolution, batch, precision, args.steps, args.warmup,
                                     device, args.bypass))
             except torch.OutOfMemoryError:
                 rows.append({"arch": args.arch, "resolution": args.resolution, "batch": batch,
                              "precision": precision, "oom": True})
-            release(device)
+            release(net, device)
             print(progress_line(rows[-1]), flush=True)
+            if rows[-1].get("oom"):
+                break  # a larger batch will not fit either
     write_results(args, device, base, net, rows, time.monotonic() - began)
 
 
