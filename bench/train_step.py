@@ -320,6 +320,31 @@ def alternate(steps: int, lorabake_step, bare_step, device: torch.device) -> dic
     return {"seconds": seconds, "memory": memory}
 
 
+def paired_difference(lorabake: list[float], bare: list[float]) -> dict:
+    """lorabake's step time minus the bare step's, pair by pair (each pair ran back to back): its mean
+    and standard error, the overhead in seconds with the machine's drift mostly cancelled."""
+    differences = [a - b for a, b in zip(lorabake, bare)]
+    stderr = statistics.stdev(differences) / len(differences) ** 0.5 if len(differences) > 1 else None
+    return {"mean": statistics.fmean(differences), "stderr": stderr}
+
+
+def profiled(step, out: Path, steps: int = 3) -> None:
+    """cProfile of a few steps, by cumulative time: where the host's time goes (on a GPU, the CPU side
+    only: kernels run asynchronously, and a synchronizing call shows the wait)."""
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(steps):
+        step()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(80)
+    store.write_text(out, text.getvalue())
+
+
 def side_figures(seconds: list[float], batch: int, flops: int, peak: float | None, memory: list) -> dict:
     mean = statistics.fmean(seconds)
     return {"step_s_mean": mean, "step_s_median": statistics.median(seconds), "step_s": seconds,
@@ -329,7 +354,7 @@ def side_figures(seconds: list[float], batch: int, flops: int, peak: float | Non
 
 
 def measure(base, net, arch: str, resolution: int, batch: int, precision: str, steps: int, warmup: int,
-            device: torch.device, bypass: bool = False) -> dict:
+            device: torch.device, bypass: bool = False, profile_dir: Path | None = None) -> dict:
     """Build both loops for one configuration, warm them up, count one step's FLOPs, time them."""
     run = run_config(resolution, batch, precision, warmup + steps + 1, bypass)
     entries, latents_of = bench_batch(resolution, batch)
@@ -348,8 +373,12 @@ def measure(base, net, arch: str, resolution: int, batch: int, precision: str, s
                for name in ("lorabake", "bare")}
     ratio = figures["lorabake"]["step_s_mean"] / figures["bare"]["step_s_mean"]
     median_ratio = figures["lorabake"]["step_s_median"] / figures["bare"]["step_s_median"]
+    if profile_dir is not None:
+        profiled(lorabake_step, profile_dir / f"{arch}-{resolution}-b{batch}-{precision}-lorabake.txt")
+        profiled(bare_step, profile_dir / f"{arch}-{resolution}-b{batch}-{precision}-bare.txt")
     return {"arch": arch, "resolution": resolution, "batch": batch, "precision": precision, "steps": steps,
-            "warmup": warmup, "ratio": ratio, "ratio_of_medians": median_ratio, **figures,
+            "warmup": warmup, "ratio": ratio, "ratio_of_medians": median_ratio,
+            "paired_difference_s": paired_difference(times["seconds"]["lorabake"], times["seconds"]["bare"]), **figures,
             "peak_rss_bytes": peak_rss_bytes() if device.type == "cpu" else None,
             "peak_flops": peak, "last_loss": session.records[-1]["loss"] if session.records else None}
 
@@ -371,23 +400,30 @@ def progress_line(row: dict) -> str:
     memory = lb["peak_memory_bytes"] or row["peak_rss_bytes"]
     mfu = "n/a" if lb["mfu"] is None else f"{lb['mfu']:.1%}"
     return (f"{where}: lorabake {lb['samples_per_s']:.3f} samples/s, bare {bare['samples_per_s']:.3f}, "
-            f"ratio {row['ratio']:.3f} (medians {row['ratio_of_medians']:.3f}), "
+            f"ratio {row['ratio']:.3f} (medians {row['ratio_of_medians']:.3f}; {paired_ms(row)}), "
             f"{lb['flops_per_step'] / 1e12:.3f} TFLOP/step, MFU {mfu}, peak {memory / 2**30:.1f} GiB")
+
+
+def paired_ms(row: dict) -> str:
+    difference = row["paired_difference_s"]
+    spread = "" if difference["stderr"] is None else f" ± {difference['stderr'] * 1e3:.1f}"
+    return f"lorabake − bare {difference['mean'] * 1e3:+.1f}{spread} ms/step"
 
 
 # ---------------------------------------------------------------- main
 
 def commit() -> str:
     done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True, text=True)
-    return (done.stdout.strip() or "unknown") + ("+dirty-src" if dirty.stdout.strip() else "")
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src", "bench/train_step.py"],
+                           capture_output=True, text=True)
+    return (done.stdout.strip() or "unknown") + ("+uncommitted" if dirty.stdout.strip() else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("--arch", choices=list(ARCHS), default="sd15")
+    parser.add_argument("--arch", choices=list(ARCHS), default="sd15", help="SD1.5 or SDXL base 1.0 (default sd15)")
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (latents are 1/8)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1],
                         help="batch sizes, each its own configuration, smallest first; the first that runs out of "
@@ -400,6 +436,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="lycoris' bypass mode (x·Wᵀ + up(down(x))) instead of its default W + ΔW per call")
     parser.add_argument("--tiny", action="store_true", help="lorabake's tiny-sd / tiny-sdxl instead of the "
                         "full-size models: a smoke test of this script, not a benchmark")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="also cProfile 3 steps of each loop per configuration into DIR (host time)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on a CPU)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON file the invocation is appended to")
@@ -427,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         for batch in sorted(args.batch):
             try:
                 rows.append(measure(base, net, args.arch, args.resolution, batch, precision, args.steps, args.warmup,
-                                    device, args.bypass))
+                                    device, args.bypass, args.profile))
             except torch.OutOfMemoryError:
                 rows.append({"arch": args.arch, "resolution": args.resolution, "batch": batch,
                              "precision": precision, "oom": True})
