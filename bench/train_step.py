@@ -166,14 +166,16 @@ def lorabake_session(base: bases.Base, net, run: RunConfig, latents_of: FixedLat
     accelerator = Accelerator(mixed_precision=run.training.mixed_precision, cpu=device.type == "cpu")
     total = run.training.max_steps
     groups = loop.param_groups(net, None, run, base.arch)
-    optimizer = optim.make_optimizer(run.optimizer.type, groups, run.optimizer.lr, run.optimizer.args)
+    optimizer = optim.make_optimizer(run.optimizer.type, groups, run.optimizer.lr, run.optimizer.args, device.type)
     scheduler = optim.make_scheduler(run.scheduler.type, optimizer, total, run.scheduler.warmup,
                                      run.scheduler.cycles, run.scheduler.power)
     optimizer = accelerator.prepare(optimizer)
     net.train()
     inputs = RunInputs(name="bench", run=run, base_dir=Path("."), datasets={}, indexes={})
-    return Session(inputs, TrainingPlan(steps_per_epoch=total, epochs=1, total_steps=total), base, net, None,
-                   optimizer, scheduler, accelerator, latents_of, losses.prediction_type(run.loss, base.noise_scheduler))
+    session = Session(inputs, TrainingPlan(steps_per_epoch=total, epochs=1, total_steps=total), base, net, None,
+                      optimizer, scheduler, accelerator, latents_of, losses.prediction_type(run.loss, base.noise_scheduler))
+    session.unet = loop.unet_caller(base.unet, run)
+    return session
 
 
 # ---------------------------------------------------------------- the bare diffusers + LyCORIS step
@@ -189,11 +191,12 @@ class BareLoop:
 
     @classmethod
     def over(cls, base: bases.Base, net, run: RunConfig, precision: str, device: torch.device) -> "BareLoop":
-        """AdamW (torch's defaults, as lorabake's adamw) over the same groups and learning rates."""
+        """AdamW over the same groups and learning rates, as lorabake makes it (fused on CUDA)."""
         groups = [{"params": g["params"], "lr": g["lr"]} for g in loop.param_groups(net, None, run, base.arch)]
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        return cls(base, [p for g in groups for p in g["params"]], torch.optim.AdamW(groups, lr=LR), scaler, dtype, device)
+        optimizer = torch.optim.AdamW(groups, lr=LR, fused=device.type == "cuda")
+        return cls(base, [p for g in groups for p in g["params"]], optimizer, scaler, dtype, device)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
