@@ -538,17 +538,15 @@ def test_cached_text_encoder_outputs_train_as_the_encoder_does(trainer, monkeypa
         config.RunConfig.model_validate({"datasets": ["demo"], "training": {"cache_text_encoder_outputs": True}})
 
 
-def test_channels_last_and_compile_train_what_the_plain_path_trains(trainer):
-    """The speed options change how the UNet runs, not what it computes: a training step's loss is the
-    plain run's within float tolerance (compile through aot_eager: dynamo and AOTAutograd, no C++
-    compiler needed on the CPU)."""
+def test_channels_last_trains_what_the_plain_path_trains(trainer):
+    """channels_last changes how the UNet's convolutions run, not what they compute: a training step's
+    loss is the plain run's within float tolerance. (compile goes through the same loop.unet_caller;
+    its numbers are checked on the UNet below, where one compilation suffices.)"""
     settings = {"training": {"max_steps": 1, "batch_size": 2}}
     plain = trainer.train("speed-plain", settings)
-    for name, options in (("speed-channels-last", {"channels_last": True}),
-                          ("speed-compiled", {"compile": True, "compile_backend": "aot_eager"})):
-        fast = trainer.train(name, project.deep_merge(settings, {"training": options}))
-        assert fast.records[0]["loss"] == pytest.approx(plain.records[0]["loss"], rel=1e-5)
-        assert fast.records[0]["grad_norm"] == pytest.approx(plain.records[0]["grad_norm"], rel=1e-2)
+    fast = trainer.train("speed-channels-last", project.deep_merge(settings, {"training": {"channels_last": True}}))
+    assert fast.records[0]["loss"] == pytest.approx(plain.records[0]["loss"], rel=1e-5)
+    assert fast.records[0]["grad_norm"] == pytest.approx(plain.records[0]["grad_norm"], rel=1e-2)
 
 
 def test_channels_last_and_compiled_unets_give_the_plain_gradients():
@@ -576,3 +574,21 @@ def test_channels_last_and_compiled_unets_give_the_plain_gradients():
         torch.testing.assert_close(out, plain_out, rtol=1e-4, atol=1e-5)
         for ours, theirs in zip(grads, plain_grads, strict=True):
             assert (ours - theirs).norm() <= 1e-3 * theirs.norm() + 1e-8, options
+
+
+def test_cached_latents_are_read_from_the_store_once_per_run(trainer, monkeypatch):
+    """An image's latents are read from disk the first time a batch needs them, then come from memory:
+    16 images drawn from the demo's 9 (no flip: one state each) read each file once, 9 at most."""
+    from lorabake.data import latents
+
+    reads = []
+    original = latents.load_latents
+
+    def counted(index, entry, state="plain"):
+        reads.append((entry["rel"], state))
+        return original(index, entry, state)
+
+    monkeypatch.setattr(latents, "load_latents", counted)
+    result = trainer.train("latents-in-memory", {"training": {"max_steps": 8, "batch_size": 2}})
+    assert len(reads) == len(set(reads)) <= 9 < 16
+    assert all(math.isfinite(r["loss"]) for r in result.records)

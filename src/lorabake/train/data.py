@@ -53,6 +53,17 @@ class CachedLatents:
     def __init__(self, indexes: dict[str, dict], flip: bool, spec: buckets.BucketSpec, masked: bool = False):
         self.indexes, self.flip, self.spec, self.masked = indexes, flip, spec, masked
         self.by_rel = {name: {e["rel"]: e for e in index["entries"]} for name, index in indexes.items()}
+        self.loaded: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _load(self, dataset: str, cached: dict, state: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An image's latents (and mask) in one flip state, read from the store once per run and kept in
+        memory (kohya's cache_latents keeps them in RAM too): every later epoch reads no file."""
+        key = (dataset, cached["rel"], state)
+        if key not in self.loaded:
+            index = self.indexes[dataset]
+            self.loaded[key] = (latents.load_latents(index, cached, state),
+                                latents.load_mask(index, cached, state) if self.masked else None)
+        return self.loaded[key]
 
     def __call__(self, batch: list[Entry], rng: random.Random) -> Latents:
         tensors, sizes, found = [], [], []
@@ -62,10 +73,10 @@ class CachedLatents:
             if state not in cached["latents"]:
                 raise ValueError(f"{entry.dataset}/{entry.item.rel}: its folder flips, but the latent index has no "
                                  "mirrored latents for it (rerun cache-latents)")
-            index = self.indexes[entry.dataset]
-            tensors.append(latents.load_latents(index, cached, state))
+            image_latents, mask = self._load(entry.dataset, cached, state)
+            tensors.append(image_latents)
             if self.masked:
-                found.append(latents.load_mask(index, cached, state))
+                found.append(mask)
             original = tuple(cached["original_size"])
             sizes.append(size_conditioning(original, buckets.place(*original, self.spec), state == "flip"))
         stacked = torch.stack(tensors)
