@@ -25,6 +25,10 @@ WORKFLOW_GROUPS = {"tests/test_slurm.py": "workflow-farm", "tests/test_artifacts
                    "tests/test_workflow.py": "workflow-local", "tests/test_bad_input.py": "workflow-local",
                    "tests/test_faults.py": "workflow-local"}
 WORKFLOW_FILES = frozenset(WORKFLOW_GROUPS)
+# Files whose module fixture trains or builds for a minute: each goes to one worker whole, so that the
+# fixture is made once, not once per worker its tests would spread over.
+MODULE_GROUPS = frozenset({"tests/models/test_checkpoints.py", "tests/tools/test_ema.py",
+                           "tests/train/test_masked_training.py", "tests/models/test_sdxl_blocks.py"})
 
 
 def pytest_collection_modifyitems(items):
@@ -44,7 +48,7 @@ def pytest_xdist_make_scheduler(config, log):
     class WorkflowTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return WORKFLOW_GROUPS.get(path, nodeid)
+            return WORKFLOW_GROUPS.get(path, path if path in MODULE_GROUPS else nodeid)
 
     return WorkflowTogether(config, log)
 

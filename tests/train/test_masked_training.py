@@ -91,11 +91,12 @@ def test_an_image_without_alpha_trains_as_if_unmasked(trainer):
 
 def test_mask_files_decide_what_retrains_and_a_missing_one_stops_the_check(trainer):
     trainer.write_run("halves", {**FAST, "datasets": ["halves"], **FOLDER_MASKS})
+    trainer.write_run("halves-unmasked", {**FAST, "datasets": ["halves"]})
     ws = Workspace.load(trainer.project / "configs/config.yaml")
     spec = ws.latent_job("halves", "halves").name
     assert spec.endswith("-mask-masks")
     before_train, before_cache = ws.train_params("halves"), ws.latent_params("halves", spec)
-    assert "masks" not in ws.train_params("rgb-plain")  # unmasked runs keep their params
+    assert "masks" not in ws.train_params("halves-unmasked")  # unmasked runs keep their params
     assert before_cache["folder_flips"] == {"2_lbk_square": True}
     mask = sorted((trainer.project / "datasets/halves/2_lbk_square/masks").glob("*.png"))[0]
     original = mask.read_bytes()
