@@ -125,13 +125,17 @@ class _LatentStore:
     masks_made: int = 0
     without_alpha: int = 0
 
+    def files(self, key: str, flip: bool) -> tuple[dict[str, str], list[str]]:
+        """A key's file names by flip state, and the states whose file the store lacks."""
+        files = {state: entry_name(key, state) for state in FLIP_STATES[flip]}
+        return files, [state for state, name in files.items() if not (self.store_dir / name).exists()]
+
     def entry(self, job: Job, wait: bool) -> dict | None:
         """The index entry of one image, encoding the latents the store lacks; None when another job
         holds the image's claim and `wait` is False."""
         image = load_rgb(job.image)
         placement = buckets.place(image.width, image.height, self.spec)
-        files = {state: entry_name(job.sha256, state) for state in FLIP_STATES[job.flip]}
-        missing = [state for state, name in files.items() if not (self.store_dir / name).exists()]
+        files, missing = self.files(job.sha256, job.flip)
         if missing:
             with store.claim(self.store_dir / f".{job.sha256}.lock", wait=wait) as held:
                 if not held:
@@ -155,8 +159,7 @@ class _LatentStore:
         without an alpha channel (trained everywhere). A mask is cheap and the same whoever makes
         it, so two jobs making one at once just write the same bytes."""
         key = f"{job.sha256}-alpha" if job.mask is None else f"{store.file_sha256(job.mask)}-mask"
-        files = {state: entry_name(key, state) for state in FLIP_STATES[job.flip]}
-        missing = [state for state, name in files.items() if not (self.store_dir / name).exists()]
+        files, missing = self.files(key, job.flip)
         if not missing:
             return files
         mask = masks.load_mask(job.image, job.mask, "alpha" if job.mask is None else "folder")

@@ -114,12 +114,13 @@ class PixelLatents:
 
     def mask(self, item: ImageItem, size: tuple[int, int], placement: buckets.Placement,
              flipped: bool) -> torch.Tensor | None:
-        """The image's mask through the same crop and flip as its pixels (None: not masked, or no alpha)."""
+        """The image's mask through the same crop and flip as its pixels (all ones without an alpha
+        channel); None when the run is not masked."""
         if self.mask_source is None:
             return None
         mask = masks.load_mask(item.path, item.mask, self.mask_source)
         masks.check_size(mask, size, item.path, item.mask)
-        return None if mask is None else masks.latent_mask(mask, placement, flipped)
+        return masks.latent_mask(mask, placement, flipped)
 
 
 def random_crop(placement: buckets.Placement, rng: random.Random) -> buckets.Placement:
